@@ -1,0 +1,5 @@
+"""``python -m qwenloop`` / ``accelerate launch -m qwenloop train CONFIG.yaml``."""
+
+from .cli import run
+
+run()

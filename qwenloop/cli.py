@@ -1,0 +1,69 @@
+"""``qwenloop`` command line: ``train CONFIG.yaml [--key value ...]`` and ``tiny-model DIR``.
+
+``qwenloop train`` runs in the current process (single process, or one rank when started by
+``accelerate launch -m qwenloop train``). Bad input ends with ``error: <one line>`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import EXIT_USAGE, UserError
+
+USAGE = """usage: qwenloop train CONFIG.yaml [--key value ...]     fine-tune (e.g. --max_steps 10 --lora.r 8)
+       qwenloop tiny-model DIR                           write the tiny Qwen2 model + tokenizer used by the demo/tests
+       qwenloop config-reference                         print every training-config key as a Markdown table"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        if not rest or rest[0].startswith("--"):
+            raise UserError("qwenloop train: the first argument must be a YAML config file, e.g. qwenloop train examples/configs/demo.yaml")
+        from .config import TrainConfig
+        from .train import train
+
+        cfg = TrainConfig.from_yaml(rest[0], rest[1:])
+        result = train(cfg)
+        if result.adapter_dir:
+            print(f"adapter saved to {result.adapter_dir}")
+        return 0
+    if command == "tiny-model":
+        parser = argparse.ArgumentParser(prog="qwenloop tiny-model")
+        parser.add_argument("dir")
+        args = parser.parse_args(rest)
+        from .tiny import ensure_tiny_model
+
+        print(ensure_tiny_model(args.dir))
+        return 0
+    if command == "config-reference":
+        from .config import field_docs
+
+        print(config_reference_markdown(field_docs()))
+        return 0
+    raise UserError(f"unknown command {command!r}; use train, tiny-model or config-reference")
+
+
+def config_reference_markdown(rows) -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, type_name, default, doc in rows:
+        lines.append(f"| `{key}` | {type_name} | `{default}` | {doc} |")
+    return "\n".join(lines)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The training config: *what* to train (model, data, LoRA, quantization, schedule, output).
+
+*Where and how* to run (backend, precision, number of processes) belongs to the accelerate config
+file and is never set here: the loop reads precision from the ``Accelerator``.
+
+A config is a YAML file (read with ``yaml.safe_load``) plus ``--key value`` command-line overrides,
+nested groups addressed with a dot (``--lora.r 16``). Every field is typed and documented below; the
+README's config reference is checked against these docstrings by a test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import UserError
+
+QWEN_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter (PEFT). Defaults follow the QLoRA paper's advice for Qwen: adapt every linear
+    projection of attention and MLP."""
+
+    r: int = 16
+    """Rank of the low-rank update."""
+    alpha: int = 32
+    """Scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout applied to the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: list(QWEN_LORA_TARGETS))
+    """Module name suffixes to adapt; every entry must match at least one module of the model."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train (PEFT's `bias`)."""
+
+
+@dataclass
+class QuantizationSettings:
+    """Base weights quantized by bitsandbytes; the LoRA adapter stays in full precision."""
+
+    bits: Literal[0, 4, 8] = 0
+    """0: no quantization; 4: QLoRA (NF4 by default); 8: LLM.int8 (single process / DDP only)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (saves ~0.4 bit per parameter)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything about one fine-tuning run except the hardware (that is the accelerate config)."""
+
+    # --- model -------------------------------------------------------------------------------
+    model: str = ""
+    """Local directory or hub id of a Qwen2 / Qwen2.5 / Qwen3 causal LM (hub only where a network exists)."""
+    trust_remote_code: bool = False
+    """Allow code shipped with the model to run. Off unless you trust the model repository."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel; `sdpa` falls back to `eager` when the model does not support it."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass (needed for long sequences on big models)."""
+    gradient_checkpointing_reentrant: bool = False
+    """Use torch's reentrant checkpointing (older behaviour); non-reentrant is the default and safer."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapter settings."""
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+    """bitsandbytes quantization of the frozen base."""
+
+    # --- data --------------------------------------------------------------------------------
+    train_file: str = ""
+    """JSONL / JSON / parquet file, or a directory written by `datasets.Dataset.save_to_disk`."""
+    eval_file: Optional[str] = None
+    """Optional held-out file in the same formats; evaluated every `eval_every_steps` and at the end."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto"
+    """Record format: `messages` (role/content), `sharegpt` (conversations/from/value), `alpaca`
+    (instruction/input/output); `auto` detects it from the first record."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (or a path to a file holding one) replacing the tokenizer's; when neither
+    exists and the tokenizer has Qwen's ChatML tokens, Qwen's template is used."""
+    train_on_prompt: bool = False
+    """Also compute the loss on system/user tokens (default: assistant turns only)."""
+    max_seq_len: int = 2048
+    """Longest tokenized example, in tokens."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What to do with longer examples: cut them to `max_seq_len`, or leave them out. Both are counted in the log."""
+
+    # --- schedule ----------------------------------------------------------------------------
+    num_epochs: int = 1
+    """Passes over the training data (ignored when `max_steps` > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means `num_epochs` epochs."""
+    micro_batch_size: int = 1
+    """Examples per forward pass on each process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each process. Global batch = micro x accumulation x processes."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps; when 0, `warmup_ratio` of the total steps is used."""
+    warmup_ratio: float = 0.03
+    """Fraction of the total steps used for warmup when `warmup_steps` is 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 42
+    """Seed for weights of the adapter, dropout and data order (the same on every process)."""
+
+    # --- output and logging -----------------------------------------------------------------
+    output_dir: str = "outputs/run"
+    """Where the adapter (`adapter/`), `metrics.jsonl` and the config used are written."""
+    overwrite_output_dir: bool = False
+    """Allow training into an `output_dir` that already holds a previous run (its files are replaced)."""
+    log_every_steps: int = 1
+    """Write a metrics line every N optimizer steps."""
+    eval_every_steps: int = 0
+    """Evaluate on `eval_file` every N optimizer steps (0: only at the end)."""
+    report_to: list[str] = field(default_factory=list)
+    """Accelerate trackers to log to as well, e.g. [tensorboard]."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "TrainConfig":
+        """Read a YAML file, apply ``--key value`` overrides, validate."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: config file not found; pass the path of a YAML training config")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}" if mark else path
+                raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
+        return cls.from_dict(raw, overrides=overrides, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, overrides: list[str] | None = None, source: str = "config") -> "TrainConfig":
+        data = _deep_copy(raw)
+        for dotted, value in parse_overrides(overrides or []):
+            _set_dotted(cls, data, dotted, value)
+        cfg = _build(cls, data, source, prefix="")
+        cfg.validate(source)
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, source: str = "config") -> None:
+        def bad(key: str, why: str) -> UserError:
+            return UserError(f"{source}: {key}: {why}")
+
+        if not self.model:
+            raise bad("model", "is required: a local model directory or a hub id")
+        if not self.train_file:
+            raise bad("train_file", "is required: a JSONL/JSON/parquet file or a saved dataset directory")
+        positive = ["micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "num_epochs", "log_every_steps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ["max_steps", "warmup_steps", "eval_every_steps", "num_workers"]:
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise bad("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.lora.r < 1:
+            raise bad("lora.r", f"must be >= 1, got {self.lora.r}")
+        if not 0 <= self.lora.dropout < 1:
+            raise bad("lora.dropout", f"must be in [0, 1), got {self.lora.dropout}")
+        if not self.lora.target_modules:
+            raise bad("lora.target_modules", f"must name at least one module, e.g. {QWEN_LORA_TARGETS}")
+        for name in self.report_to:
+            if name not in ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"):
+                raise bad("report_to", f"unknown tracker {name!r}; use e.g. [tensorboard]")
+
+
+# --------------------------------------------------------------------------------------------
+# overrides
+# --------------------------------------------------------------------------------------------
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """``["--lora.r", "16", "--max_steps=3"]`` -> ``[("lora.r", 16), ("max_steps", 3)]``.
+
+    Values are parsed as YAML scalars/flow lists (``16``, ``true``, ``[q_proj, v_proj]``, ``null``);
+    types are checked later against the dataclass, so ``--max_steps abc`` is an error, not a string.
+    """
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise UserError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise UserError(f"command line: --{key} needs a value (e.g. --{key} 3)")
+            text = argv[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        out.append((key.replace("-", "_"), value))
+    return out
+
+
+def _set_dotted(cls: type, data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node, node_cls, prefix = data, cls, ""
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in fields(node_cls)}
+        if part not in names:
+            raise UserError(f"command line: --{dotted}: unknown key {prefix + part!r}{_suggest(part, names, prefix)}")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        sub_cls = _dataclass_type(names[part].type)
+        if sub_cls is None:
+            raise UserError(f"command line: --{dotted}: {prefix + part!r} is not a group of settings")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node, node_cls, prefix = child, sub_cls, prefix + part + "."
+
+
+# --------------------------------------------------------------------------------------------
+# typed construction
+# --------------------------------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, source: str, prefix: str):
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {where}: expected a mapping, got {data!r}")
+    names = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in names:
+            raise UserError(f"{source}: unknown key {prefix + str(key)!r}{_suggest(str(key), names, prefix)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        sub = _dataclass_type(hints[name])
+        if sub is not None:
+            kwargs[name] = _build(sub, value, source, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, hints[name], source, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], source, key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise UserError(f"{source}: {key}: {value!r} is not one of {choices}{extra}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]  # `--report_to tensorboard` means a list of one
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{source}: {key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{source}: {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `2e-4` (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{source}: {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{source}: {key}: expected a string, got {value!r}")
+    return value
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    if isinstance(tp, str):
+        tp = {"LoraSettings": LoraSettings, "QuantizationSettings": QuantizationSettings}.get(tp, tp)
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _suggest(key: str, names: dict, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean {prefix + close[0]!r}?"
+    return f"; valid keys: {', '.join(prefix + n for n in names)}"
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def field_docs(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every field, nested groups flattened with dots.
+
+    The docstrings under each field are read from the source, so the README reference and the
+    dataclass cannot drift apart (a test compares them).
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in fields(cls):
+        sub = _dataclass_type(hints[f.name])
+        if sub is not None:
+            rows.extend(field_docs(sub, prefix + f.name + "."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        type_name = _type_name(hints[f.name])
+        rows.append((prefix + f.name, type_name, repr(default) if default != "" else '""', docs.get(f.name, "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args if a is not type(None)) + " | null"
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))

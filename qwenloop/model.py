@@ -1,0 +1,182 @@
+"""The model: tokenizer, base weights (dtype from the accelerator, sdpa), bitsandbytes, LoRA, checkpointing.
+
+Backend differences (zero.Init, what may be quantized where) are asked of the ``Backend`` object from
+``distributed.py``; nothing here tests for DeepSpeed or FSDP by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+
+import torch
+
+from .data import ensure_chat_template
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32, "fp8": torch.bfloat16}
+
+
+def compute_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype base weights are loaded in: the accelerator's mixed precision, fp32 when there is none."""
+    return PRECISION_DTYPES.get(str(mixed_precision), torch.float32)
+
+
+def _check_model_path(name: str) -> None:
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise UserError(f"model: directory {name!r} not found; set model to a local model directory or a hub id")
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    _check_model_path(cfg.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"model: cannot load a tokenizer from {cfg.model!r} ({str(e).splitlines()[0]}); "
+            f"set model to a local model directory (or a hub id where a network exists)"
+        )
+    ensure_chat_template(tokenizer, cfg.model, cfg.chat_template)
+    if tokenizer.pad_token is None:
+        # Qwen tokenizers define <|endoftext|> as pad; others may not. Padding is masked, any id works.
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(cfg, dtype: torch.dtype):
+    """bitsandbytes settings for the base weights, or None."""
+    bits = cfg.quantization.bits
+    if bits == 0:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"quantization.bits: {bits}-bit base weights need bitsandbytes, which is not installed; "
+            f"pip install 'qwenloop[bnb]' or set quantization.bits: 0"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization.quant_type,
+        bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        # Same storage dtype as every other parameter: ZeRO-3 and FSDP flatten/shard tensors of one dtype.
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def load_model(cfg, backend):
+    """Base model + LoRA, ready for ``accelerator.prepare``."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(backend.mixed_precision)
+    quant = quantization_config(cfg, dtype)
+    backend.check_quantization(cfg.quantization.bits)  # before any weight is read
+    _check_model_path(cfg.model)
+    kwargs = dict(
+        dtype=dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        quantization_config=quant,
+        **backend.from_pretrained_kwargs(quantized=quant is not None),
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, **kwargs)
+    except (ValueError, ImportError) as e:
+        if cfg.attn_implementation != "sdpa" or "sdpa" not in str(e).lower():
+            raise
+        logger.warning("model does not support sdpa attention (%s): falling back to eager", e)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager", **kwargs)
+    except OSError as e:
+        raise UserError(f"model: cannot load weights from {cfg.model!r} ({str(e).splitlines()[0]})")
+    model.config.use_cache = False  # the KV cache is useless in training and breaks with checkpointing
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": cfg.gradient_checkpointing_reentrant}
+        )
+        if cfg.gradient_checkpointing_reentrant or quant is not None:
+            # Reentrant checkpointing only back-propagates into a segment whose *inputs* require grad;
+            # with a frozen embedding nothing does, and LoRA would get no gradient at all.
+            model.enable_input_require_grads()
+
+    model = add_lora(model, cfg.lora)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            # Trainable weights in fp32: fp16 AMP cannot unscale fp16 gradients, and Adam updates of
+            # ~1e-4 relative size vanish in bf16 rounding.
+            param.data = param.data.float()
+    return model
+
+
+def add_lora(model, lora):
+    from peft import LoraConfig, get_peft_model
+
+    check_target_modules(model, lora.target_modules)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+    )
+    return get_peft_model(model, config)
+
+
+def check_target_modules(model, targets: list[str]) -> None:
+    """Every entry must match a module: PEFT only complains when *none* does, so a typo in one entry
+    silently trains less than asked."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_adaptable(module)}
+    full_names = [name for name, _ in model.named_modules()]
+    for entry in targets:
+        if entry in leaf_names or any(n == entry or n.endswith("." + entry) for n in full_names):
+            continue
+        close = difflib.get_close_matches(entry, sorted(leaf_names), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid names: {sorted(leaf_names)}"
+        raise UserError(f"lora.target_modules: {entry!r} matches no module of the model; {hint}")
+
+
+def _is_adaptable(module) -> bool:
+    # Linear layers, including bitsandbytes' Linear4bit/Linear8bitLt (subclasses of nn.Linear).
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d))
+
+
+def expected_adapter_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Shape of every LoRA tensor as the model config implies, keyed like PEFT's saved state dict.
+
+    ``lora_A`` is ``[r, in_features]`` and ``lora_B`` is ``[out_features, r]``; in/out come from the
+    config for Qwen's projections, else from the layer's recorded feature sizes (which stay correct
+    even while ZeRO-3 has the weight partitioned to shape ``[0]``).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
+    text = getattr(config, "text_config", config)
+    hidden, inter = text.hidden_size, text.intermediate_size
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    q_out, kv_out = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    by_name = {
+        "q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out), "o_proj": (q_out, hidden),
+        "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+    }
+    shapes = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter, r in module.r.items():
+            leaf = name.rsplit(".", 1)[-1]
+            fan_in, fan_out = by_name.get(leaf, (module.in_features, module.out_features))
+            key = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+            prefix = f"base_model.model.{key}"
+            shapes[f"{prefix}.lora_A.weight"] = (r, fan_in)
+            shapes[f"{prefix}.lora_B.weight"] = (fan_out, r)
+    return shapes
