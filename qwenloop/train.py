@@ -39,6 +39,7 @@ class TrainResult:
     backend: str = ""
     world_size: int = 1
     adapter_gather_bytes: int = 0
+    model: object = field(default=None, repr=False)  # the trained PEFT model (unwrapped), for use in-process
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -193,7 +194,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         backend=backend.name,
         world_size=accelerator.num_processes,
         adapter_gather_bytes=backend.last_gather_bytes,
+        model=accelerator.unwrap_model(model),
     )
+    if accelerator.is_main_process:
+        summary = {k: v for k, v in result.__dict__.items() if k != "model"}
+        summary["precision"] = backend.mixed_precision
+        with open(os.path.join(cfg.output_dir, "run.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
     accelerator.end_training()  # destroys the process group; without it ZeRO-3 on CPU aborts at exit
     return result
 

@@ -1,0 +1,139 @@
+"""Shared fixtures: the tiny Qwen2 model (built once per session), small data files, run helpers.
+
+Nothing here downloads anything: HF_HUB_OFFLINE is set before transformers/datasets are imported,
+and every model is built locally and loaded through `from_pretrained`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="qwenloop-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_CACHE", str(_SESSION_TMP / "datasets-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from qwenloop.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model(_SESSION_TMP / "tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_jsonl() -> str:
+    """64 conversations of the demo's kind, of uneven lengths (uneven target-token counts per batch)."""
+    from qwenloop.tiny import demo_conversations
+
+    return str(write_jsonl(_SESSION_TMP / "data" / "train.jsonl", demo_conversations(64, seed=1)))
+
+
+@pytest.fixture
+def reset_accelerate():
+    """accelerate keeps process-wide singletons; in-process runs reset them before and after."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+def base_config(model: str, train_file: str, output_dir, **overrides) -> dict:
+    """A small, fast, deterministic training config (dropout 0 so runs can be compared exactly)."""
+    cfg = {
+        "model": model,
+        "train_file": train_file,
+        "output_dir": str(output_dir),
+        "max_steps": 4,
+        "micro_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "warmup_steps": 1,
+        "max_seq_len": 128,
+        "seed": 7,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(data), encoding="utf-8")
+    return Path(path)
+
+
+def launch(accelerate_yaml: str, train_yaml: Path, env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file X -m qwenloop train Y` as a user would run it."""
+    env = {**os.environ, **env_extra, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / accelerate_yaml),
+           "--main_process_port", str(_free_port()), "-m", "qwenloop", "train", str(train_yaml)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(output_dir) -> list[dict]:
+    with open(Path(output_dir) / "metrics.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(output_dir) -> list[float]:
+    return [m["loss"] for m in read_metrics(output_dir) if "loss" in m]
+
+
+def load_adapter_tensors(adapter_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "qwenloop", *map(str, args)], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
