@@ -1,0 +1,101 @@
+"""Bad input through the real entry points: exit code 2, one line `error: ...`, no traceback, and
+nothing already written is touched."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, base_config, run_cli, write_yaml
+from qwenloop import TrainConfig
+from qwenloop.distributed import check_precision_supported
+from qwenloop.errors import UserError
+
+
+def assert_clean_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def test_missing_model_path(tmp_path, train_jsonl):
+    cfg = write_yaml(tmp_path / "c.yaml", base_config(str(tmp_path / "no-such-model"), train_jsonl, tmp_path / "out"))
+    assert_clean_error(run_cli("train", cfg), "model: directory", "no-such-model", "not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_module_typo(tmp_path, tiny_model, train_jsonl):
+    cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, train_jsonl, tmp_path / "out",
+                                                       lora={"target_modules": ["q_proj", "v_prj"]}))
+    assert_clean_error(run_cli("train", cfg), "lora.target_modules: 'v_prj' matches no module", "did you mean 'v_proj'")
+
+
+def test_malformed_data_line_via_cli(tmp_path, tiny_model):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{broken\n')
+    cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, str(data), tmp_path / "out"))
+    assert_clean_error(run_cli("train", cfg), "d.jsonl:2: malformed JSON")
+
+
+def test_unknown_override_via_cli(tmp_path, tiny_model, train_jsonl):
+    cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, train_jsonl, tmp_path / "out"))
+    assert_clean_error(run_cli("train", cfg, "--learning-rat", "1"), "did you mean 'learning_rate'")
+
+
+def test_previous_run_is_refused_and_left_intact(tmp_path, tiny_model, train_jsonl):
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"precious")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, train_jsonl, out))
+    assert_clean_error(run_cli("train", cfg), "output_dir:", "already holds a previous run", "overwrite_output_dir: true")
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == b"precious"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "metrics.jsonl"]
+
+
+def test_finetune_example_passes_errors_through(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "finetune.py"), "--config", str(tmp_path / "x.yaml")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert_clean_error(proc, "config file not found")
+
+
+def test_bf16_on_a_gpu_without_bf16():
+    with pytest.raises(UserError, match="compute capability 7.0 .*use mixed_precision: fp16"):
+        check_precision_supported("bf16", (7, 0))  # V100
+    check_precision_supported("bf16", (8, 0))  # A100: fine
+    check_precision_supported("fp16", (7, 0))
+    check_precision_supported("bf16", None)  # CPU: accelerate decides
+
+
+def test_quantization_without_bitsandbytes(monkeypatch):
+    import torch
+
+    from qwenloop.model import quantization_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    for bits in (4, 8):
+        cfg = TrainConfig.from_dict({"model": "m", "train_file": "t", "quantization": {"bits": bits}})
+        with pytest.raises(UserError, match=f"{bits}-bit base weights need bitsandbytes.*pip install 'qwenloop\\[bnb\\]'"):
+            quantization_config(cfg, torch.bfloat16)
+
+
+def test_8bit_refused_under_sharding_backends():
+    from qwenloop.distributed import DeepSpeedBackend, FSDPBackend
+
+    ds = DeepSpeedBackend.__new__(DeepSpeedBackend)
+    ds.zero_stage = 3
+    with pytest.raises(UserError, match="8-bit base weights do not work under DeepSpeed ZeRO-3.*bits: 4"):
+        ds.check_quantization(8)
+    ds.check_quantization(4)
+    fsdp = FSDPBackend.__new__(FSDPBackend)
+    with pytest.raises(UserError, match="8-bit base weights do not work under FSDP"):
+        fsdp.check_quantization(8)

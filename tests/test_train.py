@@ -1,0 +1,90 @@
+"""Single-process training, in this process: loss falls, the adapter reloads in PEFT exactly,
+gradient accumulation is equivalent to a bigger batch, QLoRA trains."""
+
+import pytest
+import torch
+
+from conftest import base_config, load_adapter_tensors, read_metrics
+from qwenloop import TrainConfig, train
+from qwenloop.adapter import verify_adapter
+from qwenloop.model import expected_adapter_shapes
+
+
+def run(tmp_path, name, tiny_model, data, **overrides):
+    cfg = TrainConfig.from_dict(base_config(tiny_model, data, tmp_path / name, **overrides))
+    return train(cfg)
+
+
+def test_loss_falls_and_files_are_written(tmp_path, tiny_model, train_jsonl, reset_accelerate):
+    result = run(tmp_path, "run", tiny_model, train_jsonl, max_steps=30, learning_rate=3e-3, lora={"r": 8},
+                 eval_file=train_jsonl, eval_every_steps=10)
+    losses = result.losses
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    metrics = read_metrics(result.output_dir)
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 31))
+    assert all({"step", "loss", "lr", "tokens"} <= set(m) for m in steps)
+    assert steps[-1]["tokens"] > steps[0]["tokens"] > 0
+    assert sum("eval_loss" in m for m in metrics) == 3  # steps 10, 20 and the final evaluation
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "adapter" / "tokenizer_config.json").exists()
+
+
+def test_adapter_reloads_in_peft_with_identical_logits(tmp_path, tiny_model, train_jsonl, reset_accelerate):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run(tmp_path, "run", tiny_model, train_jsonl, max_steps=5, learning_rate=1e-2)
+    trained = result.model.eval()
+    verify_adapter(result.adapter_dir, expected_adapter_shapes(trained))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), result.adapter_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, untrained = loaded(ids).logits, trained(ids).logits, base(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - untrained).abs().max() > 1e-3  # the adapter does something: the check above can fail
+
+
+def test_gradient_accumulation_equals_bigger_batch(tmp_path, tiny_model, train_jsonl, reset_accelerate):
+    """2 x micro-batch 2 == 1 x micro-batch 4, with uneven target-token counts per micro-batch."""
+    common = dict(max_steps=4, learning_rate=5e-3)
+    accumulated = run(tmp_path, "acc", tiny_model, train_jsonl, micro_batch_size=2, gradient_accumulation_steps=2, **common)
+    from conftest import reset_accelerate as _  # noqa: F401  (fixture state is reset below by hand)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    big = run(tmp_path, "big", tiny_model, train_jsonl, micro_batch_size=4, gradient_accumulation_steps=1, **common)
+    assert accumulated.losses == pytest.approx(big.losses, rel=1e-5)
+    a, b = load_adapter_tensors(accumulated.adapter_dir), load_adapter_tensors(big.adapter_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
+    # The micro-batches really had different numbers of target tokens (else a mean of means would pass too).
+    assert _uneven_targets(tiny_model, train_jsonl)
+
+
+def _uneven_targets(tiny_model, data):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from qwenloop.data import build_dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = build_dataset(data, tok, SimpleNamespace(format="auto", max_seq_len=128, truncation="truncate", train_on_prompt=False))
+    counts = ds.dataset["num_targets"]
+    return len(set(counts)) > 1
+
+
+def test_qlora_4bit_trains(tmp_path, tiny_model, train_jsonl, reset_accelerate):
+    pytest.importorskip("bitsandbytes")
+    result = run(tmp_path, "qlora", tiny_model, train_jsonl, max_steps=6, learning_rate=5e-3, quantization={"bits": 4})
+    base = result.model.get_base_model()
+    quantized = [m for m in base.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) == 14  # 7 projections x 2 layers hold 4-bit weights
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.losses[-1] < result.losses[0]
+    verify_adapter(result.adapter_dir, expected_adapter_shapes(result.model))
