@@ -27,18 +27,17 @@ def demo() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ensure_tiny_model(cfg.model)
-    prompt = [{"role": "user", "content": "Repeat twice: red blue"}]
-    before = generate(cfg.model, None, prompt)
+    prompts = ["What is the capital of France?", "Repeat twice: red blue"]
+    before = [generate(cfg.model, None, [{"role": "user", "content": p}]) for p in prompts]
     result = train(cfg)
     if result.adapter_dir is None:  # not the main process
         return 0
-    after = generate(cfg.model, result.adapter_dir, prompt)
+    after = [generate(cfg.model, result.adapter_dir, [{"role": "user", "content": p}]) for p in prompts]
     print(f"\nloss: {result.losses[0]:.3f} at step 1 -> {result.losses[-1]:.3f} at step {result.steps}")
     print(f"adapter: {result.adapter_dir}")
     print(f"metrics: {os.path.join(result.output_dir, 'metrics.jsonl')}")
-    print(f"prompt:  {prompt[0]['content']!r}")
-    print(f"before:  {before!r}")
-    print(f"after:   {after!r}")
+    for prompt, old, new in zip(prompts, before, after):
+        print(f"prompt: {prompt!r}\n  before training: {old!r}\n  after training:  {new!r}")
     return 0
 
 

@@ -376,9 +376,9 @@ def field_docs(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str
 def _type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        return " | ".join(str(a) for a in args)
+        return " / ".join(str(a) for a in args)  # no "|": the reference is a Markdown table
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in args if a is not type(None)) + " | null"
+        return " / ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
     if origin is list:
         return f"list[{_type_name(args[0])}]"
     return getattr(tp, "__name__", str(tp))

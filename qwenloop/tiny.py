@@ -9,9 +9,9 @@ one only if the directory does not already hold a complete build (a cache for te
 The tokenizer is a byte-level BPE trained with the ``tokenizers`` library on a built-in,
 deterministic corpus (the same generator that writes ``examples/data/demo.jsonl``), with Qwen2's own
 normalizer (NFC), pre-tokenizer (Qwen's split regex + ByteLevel) and decoder (ByteLevel), so every
-byte string is representable and ``decode(encode(text)) == text``. The special tokens come after the
-BPE vocabulary, as in Qwen: ``<|endoftext|>`` (pad, bos in the model config), ``<|im_start|>``,
-``<|im_end|>`` (eos).
+byte string is representable and ``decode(encode(text)) == text`` for NFC-normalized text (all
+ASCII). The special tokens come after the BPE vocabulary, as in Qwen: ``<|endoftext|>`` (pad, and
+bos in the model config), ``<|im_start|>``, ``<|im_end|>`` (eos).
 
 Building is deterministic: two builds with the same arguments give byte-identical
 ``tokenizer.json`` and identical weights. A build is written to a temporary directory next to the
@@ -55,6 +55,7 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeni
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # what QWEN_CHAT_TEMPLATE inserts
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids: base vocab, base vocab + 1, base vocab + 2
 MAX_POSITION_EMBEDDINGS = 1024
+LM_HEAD_INIT_STD = 0.2  # see _build_into; every other weight uses Qwen2's initializer_range (0.02)
 
 # Qwen2's pre-tokenizer split regex (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
 # The tokenizer must be trained with the same pipeline that Qwen2Tokenizer rebuilds at load time:
@@ -288,7 +289,9 @@ def _build_into(tmp: Path, p: dict[str, Any]) -> None:
 
     endoftext_id, _, im_end_id = tok.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     config = Qwen2Config(
-        vocab_size=-(-len(tok) // 8) * 8,  # rounded up to a multiple of 8, as real checkpoints pad
+        # At least len(tok), rounded up to a multiple of 8: real Qwen checkpoints also have more
+        # embedding rows (151936) than tokens (151665).
+        vocab_size=-(-max(len(tok), p["vocab_size"]) // 8) * 8,
         hidden_size=p["hidden_size"],
         intermediate_size=p["intermediate_size"],
         num_hidden_layers=p["num_layers"],
@@ -306,6 +309,10 @@ def _build_into(tmp: Path, p: dict[str, Any]) -> None:
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
         torch.manual_seed(p["seed"])
         model = Qwen2ForCausalLM(config)
+        # A wider output head than initializer_range: the final norm gives hidden states of RMS 1, so
+        # with std 0.02 rows no logit can exceed ~1.3 and LoRA (which cannot train lm_head) could
+        # never make a confident prediction. With 0.2 the demo's loss falls ~7.8 -> ~3.8 in 100 steps.
+        torch.nn.init.normal_(model.lm_head.weight, mean=0.0, std=LM_HEAD_INIT_STD)
     model.generation_config = GenerationConfig(
         bos_token_id=endoftext_id,
         eos_token_id=[im_end_id, endoftext_id],
@@ -344,6 +351,16 @@ def is_tiny_model_dir(path: str | os.PathLike) -> bool:
     return marker is not None and marker.get("format_version") == TINY_FORMAT_VERSION
 
 
+_NOT_OURS = "{out} exists, is not empty and is not a tiny-model build; delete it or choose another directory"
+
+
+def _make_tmp(out: Path) -> Path:
+    """A fresh temporary directory next to ``out`` (same filesystem, so the final rename is atomic)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result may be a cache shared between users
+    return tmp
+
+
 def _install(tmp: Path, out: Path, p: dict[str, Any], *, replace: bool) -> Path:
     """Rename the finished build ``tmp`` to ``out``. Losing a race to an equal build is fine."""
     for _ in range(5):
@@ -356,7 +373,8 @@ def _install(tmp: Path, out: Path, p: dict[str, Any], *, replace: bool) -> Path:
         if _read_marker(out) == p:  # another process (or an earlier call) built the same thing
             shutil.rmtree(tmp, ignore_errors=True)
             return out
-        if not replace:
+        # Only ever replace something this module made (never a user's unrelated directory).
+        if not replace or not (out / MARKER_FILE).is_file():
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(
                 f"{out} exists and is not a complete tiny-model build with these settings; "
@@ -386,23 +404,39 @@ def build_tiny_model(
 ) -> Path:
     """Build a tiny random ``Qwen2ForCausalLM`` and its tokenizer into ``out_dir``; return the path.
 
-    ``vocab_size`` is the tokenizer size aimed at (BPE vocabulary + 3 special tokens); the model's
-    embedding has ``len(tokenizer)`` rounded up to a multiple of 8 rows. The directory loads with
+    ``vocab_size`` is the tokenizer size aimed at (BPE vocabulary + 3 special tokens) and the model's
+    embedding size (rounded up to a multiple of 8). The built-in corpus supports about 890 tokens, so
+    a larger ``vocab_size`` gives that many tokens and ``vocab_size`` embedding rows, like real Qwen
+    checkpoints whose embedding is larger than the tokenizer. The directory loads with
     ``AutoTokenizer.from_pretrained`` / ``AutoModelForCausalLM.from_pretrained`` (float32,
-    safetensors). An existing ``out_dir`` is replaced. The build happens in a temporary directory next
+    safetensors). An existing ``out_dir`` is replaced if it is empty or an earlier tiny-model build
+    (anything else is a ``UserError``, never deleted). The build happens in a temporary directory next
     to ``out_dir`` that is renamed into place at the end.
     """
     out = Path(out_dir).absolute()
     p = _build_params(vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, seed)
     _validate(p)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER_FILE).is_file():
+        raise UserError(_NOT_OURS.format(out=out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = _make_tmp(out)
     try:
         _build_into(tmp, p)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _install(tmp, out, p, replace=True)
+
+
+_DEFAULTS = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "seed": 0,
+}
 
 
 def ensure_tiny_model(out_dir: str | os.PathLike, **build_kwargs: Any) -> Path:
@@ -427,9 +461,9 @@ def ensure_tiny_model(out_dir: str | os.PathLike, **build_kwargs: Any) -> Path:
         )
     # Missing, empty, or an older format: build (replacing only what this module made before).
     if out.exists() and marker is None and any(out.iterdir()):
-        raise UserError(f"{out} exists, is not empty and is not a tiny-model build; delete it or choose another directory")
+        raise UserError(_NOT_OURS.format(out=out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = _make_tmp(out)
     try:
         _build_into(tmp, p)
     except BaseException:
@@ -438,16 +472,8 @@ def ensure_tiny_model(out_dir: str | os.PathLike, **build_kwargs: Any) -> Path:
     return _install(tmp, out, p, replace=marker is not None)
 
 
-_DEFAULTS = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "seed": 0,
-}
 
-
-def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+def _diff(found: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """'key=found (asked for wanted)' for each setting that differs."""
+    keys = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    return ", ".join(f"{k}={found.get(k)!r} (asked for {wanted.get(k)!r})" for k in keys)

@@ -16,7 +16,7 @@ def run(tmp_path, name, tiny_model, data, **overrides):
 
 
 def test_loss_falls_and_files_are_written(tmp_path, tiny_model, train_jsonl, reset_accelerate):
-    result = run(tmp_path, "run", tiny_model, train_jsonl, max_steps=30, learning_rate=3e-3, lora={"r": 8},
+    result = run(tmp_path, "run", tiny_model, train_jsonl, max_steps=30, learning_rate=3e-3, lr_scheduler="constant", lora={"r": 8},
                  eval_file=train_jsonl, eval_every_steps=10)
     losses = result.losses
     assert len(losses) == 30
@@ -88,3 +88,45 @@ def test_qlora_4bit_trains(tmp_path, tiny_model, train_jsonl, reset_accelerate):
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert result.losses[-1] < result.losses[0]
     verify_adapter(result.adapter_dir, expected_adapter_shapes(result.model))
+
+
+def test_checkpointing_modes_train_like_no_checkpointing(tmp_path, tiny_model, train_jsonl, reset_accelerate):
+    """Non-reentrant and reentrant checkpointing give the same training as none: LoRA gets its
+    gradients in both (reentrant needs enable_input_require_grads, else nothing trains)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    results = {}
+    for name, overrides in [("none", {"gradient_checkpointing": False}),
+                            ("nonreentrant", {"gradient_checkpointing": True}),
+                            ("reentrant", {"gradient_checkpointing": True, "gradient_checkpointing_reentrant": True})]:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        results[name] = run(tmp_path, name, tiny_model, train_jsonl, max_steps=3, learning_rate=5e-3, **overrides)
+    for name in ("nonreentrant", "reentrant"):
+        assert results[name].losses == pytest.approx(results["none"].losses, rel=1e-5), name
+        tensors = load_adapter_tensors(results[name].adapter_dir)
+        assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k), f"{name}: some LoRA B never trained"
+
+
+def test_lora_weights_stay_fp32_under_fp16(tiny_model):
+    """Under fp16 AMP the frozen base is fp16 and every trainable (LoRA) weight fp32: GradScaler
+    refuses to unscale fp16 gradients."""
+    from types import SimpleNamespace
+
+    from qwenloop.model import load_model
+
+    fp16_backend = SimpleNamespace(mixed_precision="fp16", check_quantization=lambda bits: None,
+                                   from_pretrained_kwargs=lambda quantized: {})
+    cfg = TrainConfig.from_dict({"model": tiny_model, "train_file": "unused.jsonl"})
+    model = load_model(cfg, fp16_backend)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    assert set(frozen.values()) == {torch.float16}
+
+
+def test_tensorboard_tracker(tmp_path, tiny_model, train_jsonl, reset_accelerate):
+    pytest.importorskip("tensorboard")
+    result = run(tmp_path, "tb", tiny_model, train_jsonl, max_steps=2, report_to=["tensorboard"])
+    events = list((tmp_path / "tb" / "runs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0, result

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU checks that cannot run on CPU, in one script (for a lent single-GPU machine):
+#   1. the CPU demo (`python examples/finetune.py`), here on the GPU;
+#   2. the same tiny-model training under every backend config on 1 GPU, fp16 and bf16, with and
+#      without 4-bit QLoRA: single_gpu.yaml, deepspeed_zero3.yaml, fsdp.yaml (FSDP2), fsdp1.yaml;
+#   3. a side-by-side table of the per-step losses (bench/loss_table.py).
+# Usage: bash bench/gpu_check.sh OUTDIR   (runs 4 trainings at a time; a tiny model shares one GPU fine)
+set -uo pipefail
+OUT=${1:-bench/results/latest}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="${PYTHONPATH:-}:$PWD"
+WORK=$(mktemp -d /tmp/qwenloop-gpu-XXXX)
+LOG="$OUT/gpu_check.log"
+{
+  echo "== $(date -u) on $(nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader)"
+  python3 -c "import torch, transformers, accelerate, peft, datasets, deepspeed, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__, 'deepspeed', deepspeed.__version__, 'bitsandbytes', b.__version__)"
+  python3 -m qwenloop tiny-model outputs/tiny-qwen2
+  echo "== demo: python3 examples/finetune.py"
+  ( time python3 examples/finetune.py ) 2>&1 | grep -v -E "it/s\]|s/it\]|Loading weights|examples/s\]" | tail -25
+} 2>&1 | tee "$LOG"
+
+# Precision lives in the DeepSpeed JSON when a yaml names one: make an fp16 twin of the bf16 JSON/yaml.
+python3 - "$WORK" <<'PY'
+import json, sys, re
+work = sys.argv[1]
+cfg = json.load(open("accelerate_configs/deepspeed_zero3.json"))
+for prec in ("fp16", "bf16"):
+    c = json.loads(json.dumps(cfg)); c["fp16"] = {"enabled": prec == "fp16"}; c["bf16"] = {"enabled": prec == "bf16"}
+    json.dump(c, open(f"{work}/zero3_{prec}.json", "w"), indent=1)
+    y = open("accelerate_configs/deepspeed_zero3.yaml").read()
+    y = re.sub(r"deepspeed_config_file: \S+", f"deepspeed_config_file: {work}/zero3_{prec}.json", y)
+    open(f"{work}/zero3_{prec}.yaml", "w").write(y)
+PY
+
+run_one() {  # name accelerate_yaml precision bits
+  local name=$1 yaml=$2 prec=$3 bits=$4 port=$5
+  local mp=(--mixed_precision "$prec")
+  case "$yaml" in *zero3*) mp=() ;; esac   # DeepSpeed: precision from the JSON
+  local start=$(date +%s)
+  python3 -m accelerate.commands.launch --config_file "$yaml" --num_processes 1 --main_process_port "$port" "${mp[@]}" \
+    -m qwenloop train examples/configs/demo.yaml --output_dir "$WORK/runs/$name" --max_steps 20 --num_epochs 1 \
+    --eval_file null --quantization.bits "$bits" --gradient_checkpointing true > "$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc $(( $(date +%s) - start ))s"
+  [ $rc -eq 0 ] || grep -v -E "it/s\]|s/it\]|warn" "$WORK/$name.log" | tail -15
+}
+export -f run_one
+export WORK
+jobs=()
+port=29600
+for bits in 0 4; do
+  for prec in bf16 fp16; do
+    jobs+=("single-$prec-q$bits accelerate_configs/single_gpu.yaml $prec $bits $((port++))")
+    jobs+=("zero3-$prec-q$bits $WORK/zero3_$prec.yaml $prec $bits $((port++))")
+    jobs+=("fsdp2-$prec-q$bits accelerate_configs/fsdp.yaml $prec $bits $((port++))")
+    jobs+=("fsdp1-$prec-q$bits accelerate_configs/fsdp1.yaml $prec $bits $((port++))")
+  done
+done
+printf '%s\n' "${jobs[@]}" | xargs -P 4 -L 1 bash -c 'run_one "$@"' _ 2>&1 | tee -a "$LOG"
+python3 bench/loss_table.py "$WORK/runs" | tee "$OUT/loss_table.md"
+tar czf "$OUT/run_logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log) 2>/dev/null
