@@ -94,6 +94,9 @@ class Backend:
             return {"device_map": {"": self.accelerator.local_process_index}}
         return {}
 
+    def before_prepare(self, model) -> None:
+        """Last adjustments to the backend's plan for this model, just before ``accelerator.prepare``."""
+
     # --- during training ---------------------------------------------------------------------
     def clip_grad_norm(self, model, max_norm: float) -> float | None:
         """Clip (when ``max_norm`` > 0) and return the global gradient norm before clipping."""
@@ -186,6 +189,17 @@ class FSDPBackend(Backend):
         # cpu-ram-efficient loading (rank 0 reads, others on meta) is accelerate's fsdp config option
         # and is applied by transformers itself when the FSDP env is set.
         return {}
+
+    def before_prepare(self, model) -> None:
+        if self.fsdp_version != 1:
+            return  # FSDP2 shards per parameter: frozen base and trainable LoRA may share a unit
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        # FSDP1 flattens each unit into one FlatParameter of one dtype and one requires_grad, and
+        # accelerate upcasts trainable flat parameters to fp32. LoRA layers get units of their own so
+        # that only they are upcast: the (possibly 4-bit) base stays as loaded. Decoder layers are the
+        # other units (the model's _no_split_modules).
+        self.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
     def adapter_state_dict(self, model) -> dict[str, torch.Tensor]:
         return gather_fsdp_adapter(model, self)

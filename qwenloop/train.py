@@ -90,6 +90,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         weight_decay=cfg.weight_decay,
         fused=torch.cuda.is_available() or None,  # fused kernel on GPU, torch's default elsewhere
     )
+    backend.before_prepare(model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)

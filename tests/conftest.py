@@ -137,3 +137,20 @@ def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "qwenloop", *map(str, args)], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_adapters_close(dir_a, dir_b, rel: float = 1e-5) -> None:
+    """Same keys, shapes, and every tensor within `rel` relative (Frobenius) distance.
+
+    Element-wise tolerances do not suit Adam: an element whose gradient is ~0 gets an update of
+    ~lr * g / (|g| + eps), so a 1e-7 roundoff difference in g (another summation order across ranks
+    or threads) moves it by up to lr. The tensor as a whole stays within fp32 roundoff.
+    """
+    import torch
+
+    a, b = load_adapter_tensors(dir_a), load_adapter_tensors(dir_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        distance = (torch.linalg.vector_norm(a[key] - b[key]) / torch.linalg.vector_norm(b[key])).item()
+        assert distance <= rel, f"{key}: relative distance {distance:.2e} > {rel:.0e}"

@@ -4,7 +4,7 @@ gradient accumulation is equivalent to a bigger batch, QLoRA trains."""
 import pytest
 import torch
 
-from conftest import base_config, load_adapter_tensors, read_metrics
+from conftest import assert_adapters_close, base_config, load_adapter_tensors, read_metrics
 from qwenloop import TrainConfig, train
 from qwenloop.adapter import verify_adapter
 from qwenloop.model import expected_adapter_shapes
@@ -51,17 +51,13 @@ def test_gradient_accumulation_equals_bigger_batch(tmp_path, tiny_model, train_j
     """2 x micro-batch 2 == 1 x micro-batch 4, with uneven target-token counts per micro-batch."""
     common = dict(max_steps=4, learning_rate=5e-3)
     accumulated = run(tmp_path, "acc", tiny_model, train_jsonl, micro_batch_size=2, gradient_accumulation_steps=2, **common)
-    from conftest import reset_accelerate as _  # noqa: F401  (fixture state is reset below by hand)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     big = run(tmp_path, "big", tiny_model, train_jsonl, micro_batch_size=4, gradient_accumulation_steps=1, **common)
     assert accumulated.losses == pytest.approx(big.losses, rel=1e-5)
-    a, b = load_adapter_tensors(accumulated.adapter_dir), load_adapter_tensors(big.adapter_dir)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
+    assert_adapters_close(accumulated.adapter_dir, big.adapter_dir, rel=1e-5)
     # The micro-batches really had different numbers of target tokens (else a mean of means would pass too).
     assert _uneven_targets(tiny_model, train_jsonl)
 
@@ -81,12 +77,13 @@ def _uneven_targets(tiny_model, data):
 
 def test_qlora_4bit_trains(tmp_path, tiny_model, train_jsonl, reset_accelerate):
     pytest.importorskip("bitsandbytes")
-    result = run(tmp_path, "qlora", tiny_model, train_jsonl, max_steps=6, learning_rate=5e-3, quantization={"bits": 4})
+    result = run(tmp_path, "qlora", tiny_model, train_jsonl, max_steps=20, learning_rate=3e-3, lr_scheduler="constant",
+                 quantization={"bits": 4})
     base = result.model.get_base_model()
-    quantized = [m for m in base.modules() if type(m).__name__ == "Linear4bit"]
+    quantized = [m for m in base.modules() if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"]
     assert len(quantized) == 14  # 7 projections x 2 layers hold 4-bit weights
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    assert result.losses[-1] < result.losses[0]
+    assert sum(result.losses[-5:]) < 0.9 * sum(result.losses[:5]), result.losses
     verify_adapter(result.adapter_dir, expected_adapter_shapes(result.model))
 
 
