@@ -38,7 +38,7 @@ run_one() {  # name accelerate_yaml precision bits
   local mp=(--mixed_precision "$prec")
   case "$yaml" in *zero3*) mp=() ;; esac   # DeepSpeed: precision from the JSON
   local start=$(date +%s)
-  python3 -m accelerate.commands.launch --config_file "$yaml" --num_processes 1 --main_process_port "$port" "${mp[@]}" \
+  timeout 300 python3 -m accelerate.commands.launch --config_file "$yaml" --num_processes 1 --main_process_port "$port" "${mp[@]}" \
     -m qwenloop train examples/configs/demo.yaml --output_dir "$WORK/runs/$name" --max_steps 20 --num_epochs 1 \
     --eval_file null --quantization.bits "$bits" --gradient_checkpointing true > "$WORK/$name.log" 2>&1
   local rc=$?
