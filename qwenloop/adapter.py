@@ -13,7 +13,6 @@ import shutil
 
 from safetensors import safe_open
 
-from .errors import UserError
 from .model import expected_adapter_shapes
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -28,13 +27,33 @@ def save_adapter(accelerator, backend, model, tokenizer, out_dir: str) -> str | 
     peft_model = accelerator.unwrap_model(model)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    # PEFT renames the keys (drops the adapter name) and writes its config next to the weights.
-    peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True, is_main_process=True)
+    write_peft_adapter(peft_model, state, tmp)
     tokenizer.save_pretrained(tmp)
     verify_adapter(tmp, expected_adapter_shapes(peft_model))
     _replace_dir(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def write_peft_adapter(peft_model, state: dict, directory: str) -> None:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` exactly as ``PeftModel.save_pretrained``
+    writes them: keys without the adapter name (``...q_proj.lora_A.weight``).
+
+    Written here rather than by ``save_pretrained(state_dict=...)`` because PEFT re-derives the keys
+    from the live module tree, which under FSDP1 still holds wrapper modules, and then silently
+    writes an empty file (seen with peft 0.21)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    adapter_name = getattr(peft_model, "active_adapter", "default")
+    marker = f".{adapter_name}."
+    tensors = {key.replace(marker, "."): tensor.contiguous() for key, tensor in state.items()}
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, ADAPTER_FILE), metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config[adapter_name])
+    config.inference_mode = True
+    config.save_pretrained(directory)
 
 
 def verify_adapter(directory: str, expected: dict[str, tuple[int, ...]]) -> None:

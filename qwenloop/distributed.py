@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import torch
-import torch.distributed as dist
 
 from .errors import UserError
 
@@ -78,7 +77,7 @@ class Backend:
         self.accelerator = accelerator
         self.mixed_precision = str(accelerator.mixed_precision)
         self.last_gather_bytes = 0  # bytes of parameters collected by the last adapter gather
-        if accelerator.num_processes == 1:
+        if type(self) is Backend and accelerator.num_processes == 1:
             self.name = "single"
 
     # --- before loading ---------------------------------------------------------------------
@@ -100,8 +99,9 @@ class Backend:
     # --- during training ---------------------------------------------------------------------
     def clip_grad_norm(self, model, max_norm: float) -> float | None:
         """Clip (when ``max_norm`` > 0) and return the global gradient norm before clipping."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        # All parameters, not only the trainable ones: accelerate recognises the prepared FSDP model by
+        # its full parameter list (and unscales fp16 gradients twice otherwise); frozen ones have no grad.
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
         return None if norm is None else float(norm)
 
     # --- saving ------------------------------------------------------------------------------
@@ -209,13 +209,13 @@ def gather_fsdp_adapter(model, backend=None) -> dict[str, torch.Tensor]:
     """Full CPU tensors of the trainable parameters of an FSDP-wrapped model.
 
     FSDP2 parameters are DTensors: ``full_tensor()`` all-gathers one parameter, so only the adapter
-    crosses the wire. FSDP1 (flat parameters) can only summon whole units; it gathers more, once.
+    crosses the wire. FSDP1 summons whole units, so only the units holding trainable parameters.
     Collective: all ranks call this in the same order.
     """
     from torch.distributed.tensor import DTensor
 
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    names = [_strip_wrapper_prefixes(n) for n, _ in named]
+    names = [strip_wrapper_prefixes(n) for n, _ in named]
     if any(isinstance(p, DTensor) for _, p in named):
         state, gathered = {}, 0
         for name, (_, p) in zip(names, named):
@@ -225,21 +225,43 @@ def gather_fsdp_adapter(model, backend=None) -> dict[str, torch.Tensor]:
         if backend is not None:
             backend.last_gather_bytes = gathered
         return state
+    return _gather_fsdp1_trainable_units(model, backend)
+
+
+def _gather_fsdp1_trainable_units(model, backend=None) -> dict[str, torch.Tensor]:
+    """FSDP1: summon, one unit at a time, only the units whose FlatParameter is trainable (the LoRA
+    layers, which ``FSDPBackend.before_prepare`` puts in units of their own), never the whole model."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    with FSDP.summon_full_params(model, writeback=False, offload_to_cpu=True):
-        state = {_strip_wrapper_prefixes(n): p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    module_names = {id(m): name for name, m in model.named_modules()}
+    state, gathered = {}, 0
+    for unit in FSDP.fsdp_modules(model):
+        flat = getattr(unit, "_flat_param", None)
+        if flat is None or not flat.requires_grad:
+            continue
+        prefix = module_names[id(unit)]
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for fqn in flat._fqns:
+                param = _get_attr(unit.module, fqn)
+                if not param.requires_grad:
+                    continue
+                full = param.detach().to("cpu", copy=True)
+                gathered += full.numel() * full.element_size()
+                state[strip_wrapper_prefixes(f"{prefix}.{fqn}" if prefix else fqn)] = full
     if backend is not None:
-        backend.last_gather_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        backend.last_gather_bytes = gathered
     return state
 
 
-def _strip_wrapper_prefixes(name: str) -> str:
-    for prefix in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module."):
-        name = name.replace(prefix, "")
-    return name
+def _get_attr(module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def strip_wrapper_prefixes(name: str) -> str:
+    """Parameter/module name as in the plain model, without FSDP / checkpoint / compile / DDP wrappers."""
+    parts = [p for p in name.split(".") if p not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")]
+    if parts and parts[0] == "module":  # DDP
+        parts = parts[1:]
+    return ".".join(parts)

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .data import ensure_chat_template
+from .distributed import strip_wrapper_prefixes
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ def expected_adapter_shapes(model) -> dict[str, tuple[int, ...]]:
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        name = strip_wrapper_prefixes(name)  # FSDP1 leaves wrapper modules inside the unwrapped model
         for adapter, r in module.r.items():
             leaf = name.rsplit(".", 1)[-1]
             fan_in, fan_out = by_name.get(leaf, (module.in_features, module.out_features))
