@@ -7,14 +7,10 @@
 from .config import LoraSettings, QuantizationSettings, TrainConfig
 from .errors import UserError
 
+# Imported eagerly: `qwenloop.train` must stay the function even after the `qwenloop.train` module
+# is imported somewhere (a lazy wrapper would be shadowed by the submodule attribute).
+from .train import TrainResult, train  # noqa: E402
+
 __version__ = "0.1.0"
 
-
-def train(cfg: TrainConfig):
-    """Run one fine-tuning job (see ``qwenloop.train.train``); imported lazily to keep ``import qwenloop`` light."""
-    from .train import train as _train
-
-    return _train(cfg)
-
-
-__all__ = ["TrainConfig", "LoraSettings", "QuantizationSettings", "UserError", "train", "__version__"]
+__all__ = ["TrainConfig", "LoraSettings", "QuantizationSettings", "TrainResult", "UserError", "train", "__version__"]
