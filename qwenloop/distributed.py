@@ -205,6 +205,20 @@ class FSDPBackend(Backend):
         return gather_fsdp_adapter(model, self)
 
 
+def local_param_bytes(model, frozen_only: bool = False) -> int:
+    """Bytes of parameters this process holds: a ZeRO-3 partitioned parameter counts its local
+    partition (``ds_tensor``), not its full size; an FSDP2 DTensor its local shard."""
+    total = 0
+    for p in model.parameters():
+        if frozen_only and p.requires_grad:
+            continue
+        local = getattr(p, "ds_tensor", None)
+        if local is None:
+            local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
 def gather_fsdp_adapter(model, backend=None) -> dict[str, torch.Tensor]:
     """Full CPU tensors of the trainable parameters of an FSDP-wrapped model.
 

@@ -39,6 +39,7 @@ class TrainResult:
     backend: str = ""
     world_size: int = 1
     adapter_gather_bytes: int = 0
+    base_bytes_per_rank: list = field(default_factory=list)  # frozen-base bytes held by each rank after loading
     model: object = field(default=None, repr=False)  # the trained PEFT model (unwrapped), for use in-process
 
 
@@ -76,6 +77,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---- model, optimizer (trainable parameters only), schedule ----
     model = model_lib.load_model(cfg, backend)
+    # What each rank holds of the frozen base right after loading (ZeRO-3 loads partitioned).
+    base_bytes_per_rank = accelerator.gather(
+        torch.tensor([distributed.local_param_bytes(model, frozen_only=True)], device=accelerator.device)
+    ).tolist()
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger.info(
         "trainable parameters: %d (%.3f%% of %d)",
@@ -195,6 +200,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         backend=backend.name,
         world_size=accelerator.num_processes,
         adapter_gather_bytes=backend.last_gather_bytes,
+        base_bytes_per_rank=base_bytes_per_rank,
         model=accelerator.unwrap_model(model),
     )
     if accelerator.is_main_process:
