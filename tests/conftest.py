@@ -99,11 +99,12 @@ def write_yaml(path: Path, data: dict) -> Path:
     return Path(path)
 
 
-def launch(accelerate_yaml: str, train_yaml: Path, env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file X -m qwenloop train Y` as a user would run it."""
+def launch(accelerate_yaml: str, train_yaml: Path, env_extra: dict, timeout: int = 600,
+           launch_args: tuple = ()) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file X [launch_args] -m qwenloop train Y` as a user would run it."""
     env = {**os.environ, **env_extra, "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / accelerate_yaml),
-           "--main_process_port", str(_free_port()), "-m", "qwenloop", "train", str(train_yaml)]
+           "--main_process_port", str(_free_port()), *launch_args, "-m", "qwenloop", "train", str(train_yaml)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

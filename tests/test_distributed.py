@@ -78,3 +78,14 @@ def test_zero3_gathers_only_the_adapter(runs):
     info = run_info(runs["zero3"])
     adapter_bytes = sum(t.numel() * t.element_size() for t in load_adapter_tensors(runs["zero3"] / "adapter").values())
     assert info["adapter_gather_bytes"] == adapter_bytes
+
+
+def test_zero3_loads_the_base_partitioned(runs):
+    """zero.Init: right after loading, each of the 2 ranks holds about half of the frozen base,
+    where every DDP rank holds all of it. (Issue: a 70B model must never be materialised per rank.)"""
+    whole = run_info(runs["single"])["base_bytes_per_rank"][0]
+    assert run_info(runs["ddp"])["base_bytes_per_rank"] == [whole, whole]
+    per_rank = run_info(runs["zero3"])["base_bytes_per_rank"]
+    assert len(per_rank) == 2
+    for held in per_rank:
+        assert abs(held - whole / 2) <= 0.02 * whole, (per_rank, whole)  # partitions pad to a multiple of 2
