@@ -51,3 +51,26 @@ def test_bf16_losses_and_adapter_match_single(runs, name):
     single, multi = train_losses(runs["single"]), train_losses(runs[name])
     assert multi == pytest.approx(single, rel=5e-3)
     assert_adapters_close(runs[name] / "adapter", runs["single"] / "adapter", rel=5e-2)
+
+
+def test_qlora_under_zero3(tmp_path, tiny_model, train_jsonl):
+    """4-bit NF4 base (quant storage = bf16, the compute dtype) under 2-rank ZeRO-3: trains, and the
+    adapter is gathered whole. 8-bit is refused before loading (test_cli_errors.py)."""
+    import json
+    import math
+
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qwenloop.adapter import verify_adapter
+    from qwenloop.model import expected_adapter_shapes
+
+    cfg = write_yaml(tmp_path / "q.yaml", base_config(tiny_model, train_jsonl, tmp_path / "out", micro_batch_size=2,
+                                                       quantization={"bits": 4}, **STEPS))
+    launch("zero3_2cpu_bf16.yaml", cfg, {"DS_ACCELERATOR": "cpu"})
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert info["backend"] == "deepspeed" and info["world_size"] == 2 and info["precision"] == "bf16"
+    assert all(math.isfinite(loss) for loss in info["losses"]) and len(info["losses"]) == 4
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "out" / "adapter"))
+    verify_adapter(str(tmp_path / "out" / "adapter"), expected_adapter_shapes(loaded))
