@@ -138,6 +138,15 @@ class DeepSpeedBackend(Backend):
                     f"set {key}: \"auto\" in the DeepSpeed JSON so the training config decides"
                 )
 
+        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload not in (None, "none") and list(cfg.adam_betas) != [0.9, 0.999]:
+            # accelerate replaces torch AdamW by DeepSpeedCPUAdam and copies only lr and weight decay.
+            raise UserError(
+                f"adam_betas: {cfg.adam_betas} would be silently replaced by [0.9, 0.999] under DeepSpeed optimizer "
+                f"offload (accelerate builds DeepSpeedCPUAdam from lr and weight_decay only); keep the default betas "
+                f"or use a config without offload_optimizer"
+            )
+
     def check_quantization(self, bits: int) -> None:
         if bits == 8 and self.zero_stage == 3:
             raise UserError(

@@ -99,3 +99,26 @@ def test_8bit_refused_under_sharding_backends():
     fsdp = FSDPBackend.__new__(FSDPBackend)
     with pytest.raises(UserError, match="8-bit base weights do not work under FSDP"):
         fsdp.check_quantization(8)
+
+
+def test_custom_betas_refused_under_optimizer_offload():
+    from qwenloop.distributed import DeepSpeedBackend
+
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)
+    backend.ds_config = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    cfg = TrainConfig.from_dict({"model": "m", "train_file": "t", "adam_betas": [0.9, 0.95]})
+    with pytest.raises(UserError, match=r"adam_betas: \[0.9, 0.95\] would be silently replaced"):
+        backend.configure(cfg)
+    backend.configure(TrainConfig.from_dict({"model": "m", "train_file": "t"}))  # defaults are fine
+    assert backend.ds_config["gradient_clipping"] == 1.0
+
+
+def test_deepspeed_json_that_contradicts_the_training_config():
+    from qwenloop.distributed import DeepSpeedBackend
+
+    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)
+    backend.ds_config = {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 4}
+    cfg = TrainConfig.from_dict({"model": "m", "train_file": "t", "gradient_accumulation_steps": 2})
+    with pytest.raises(UserError, match='gradient_accumulation_steps is 4 but the training config says 2.*"auto"'):
+        backend.configure(cfg)
