@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import EXIT_USAGE, UserError
+from .errors import EXIT_USAGE, RunStopped, UserError
 
 USAGE = """usage: qwenloop train CONFIG.yaml [--key value ...]     fine-tune (e.g. --max_steps 10 --lora.r 8)
        qwenloop tiny-model DIR                           write the tiny Qwen2 model + tokenizer used by the demo/tests
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunStopped as e:  # preempted (SIGTERM/SIGINT) or stopped by the NaN sentinel: a report, no traceback
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -132,6 +132,22 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
 
+    # --- checkpoints, resume, failures --------------------------------------------------------
+    checkpoint_every_steps: int = 0
+    """Write a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) to
+    `output_dir/checkpoints/step-NNNNNNN/` every N optimizer steps; 0: only when stopped by SIGTERM/SIGINT."""
+    keep_last_checkpoints: int = 2
+    """How many complete checkpoints to keep; older ones are deleted once a newer one is complete (0: keep all)."""
+    resume_from: Optional[str] = None
+    """`auto`: continue from the newest complete checkpoint in `output_dir` (start fresh when there is none);
+    a path: that checkpoint directory; null: start from scratch."""
+    force_resume: bool = False
+    """Resume even when the batch size, world size, seed or training data differ from the checkpoint's
+    (the data position is then converted by examples seen, and the run is no longer an exact continuation)."""
+    max_bad_steps: int = 10
+    """Stop the run after this many consecutive optimizer steps with a non-finite loss or gradient norm
+    (each such step is skipped and counted); 0: never stop."""
+
     # ---------------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "TrainConfig":
@@ -176,7 +192,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ["max_steps", "warmup_steps", "eval_every_steps", "num_workers"]:
+        for name in ["max_steps", "warmup_steps", "eval_every_steps", "num_workers", "checkpoint_every_steps",
+                     "keep_last_checkpoints", "max_bad_steps"]:
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -193,6 +210,8 @@ class TrainConfig:
             raise bad("lora.dropout", f"must be in [0, 1), got {self.lora.dropout}")
         if not self.lora.target_modules:
             raise bad("lora.target_modules", f"must name at least one module, e.g. {QWEN_LORA_TARGETS}")
+        if self.resume_from is not None and not str(self.resume_from).strip():
+            raise bad("resume_from", "is empty; use auto, a checkpoint directory, or null")
         for name in self.report_to:
             if name not in ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"):
                 raise bad("report_to", f"unknown tracker {name!r}; use e.g. [tensorboard]")

@@ -113,6 +113,57 @@ class Backend:
         self.last_gather_bytes = 0
         return state
 
+    # --- resumable training state (checkpoint.py decides when and where; these say how) -------
+    def save_optimizer_state(self, model, optimizer, directory: str) -> None:
+        """Write the optimizer (and fp16 GradScaler) state into ``directory``. Collective: every rank
+        calls it; collectives come first, file writes last (a failing write cannot hang the others).
+        DDP/single: every rank holds the same state, the main process writes it."""
+        from .checkpoint import save_torch
+        if not self.accelerator.is_main_process:
+            return
+        save_torch(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        if self.accelerator.scaler is not None:
+            save_torch(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+
+    def load_optimizer_state(self, model, optimizer, directory: str) -> None:
+        """Restore what ``save_optimizer_state`` wrote (files read with ``weights_only=True``)."""
+        from .checkpoint import load_torch
+        optimizer.load_state_dict(load_torch(os.path.join(directory, "optimizer.pt")))
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(load_torch(os.path.join(directory, "scaler.pt")))
+
+    def load_adapter_weights(self, model, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy full adapter tensors (names as in ``adapter_state_dict``) into the trainable parameters."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad():
+            for name, p in unwrapped.named_parameters():
+                if p.requires_grad:
+                    p.copy_(tensors[strip_wrapper_prefixes(name)].to(device=p.device, dtype=p.dtype))
+
+    def optimizer_step(self, model, optimizer, finite: bool) -> None:
+        """Step at the end of an accumulation window, unless every rank agreed the step is non-finite.
+        Under fp16 the GradScaler must see every step (it skips a non-finite one itself and lowers the
+        scale); ``accelerator.optimizer_step_was_skipped`` then reports the skip."""
+        if finite or self.accelerator.scaler is not None:
+            optimizer.step()
+
+    def loss_scale(self, model) -> float | None:
+        """The current fp16 loss scale, None when no loss scaling runs (bf16 / fp32)."""
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None else None
+
+    def nonfinite_grad_names(self, model, limit: int = 5) -> list[str] | None:
+        """Names of the first trainable parameters whose (local) gradient is non-finite; None when the
+        backend keeps gradients where they cannot be inspected. Cheap when all are finite: one check."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        named = [(n, p.grad) for n, p in unwrapped.named_parameters() if p.requires_grad and p.grad is not None]
+        if not named:
+            return []
+        grads = [g.to_local() if hasattr(g, "to_local") else g for _, g in named]
+        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+        finite = torch.isfinite(torch.stack(norms)).tolist()
+        return [strip_wrapper_prefixes(n) for (n, _), ok in zip(named, finite) if not ok][:limit]
+
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
@@ -179,6 +230,72 @@ class DeepSpeedBackend(Backend):
         self.last_gather_bytes = sum(p.ds_numel * p.element_size() for p in params if hasattr(p, "ds_numel"))
         return state
 
+    # ZeRO-3 keeps each rank's partition of the fp32 master weights and of Adam's moments in its own
+    # optimizer; each rank writes its partition (``zero-rank-NNNNN.pt``), and only the trainable
+    # parameters are in it: the frozen base never enters the optimizer, so it is never saved. Not
+    # the engine's save_checkpoint: its files are read back with pickle (``weights_only=False``).
+    _ZERO_FILE = "zero-rank-{rank:05d}.pt"
+    _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+    def save_optimizer_state(self, model, optimizer, directory: str) -> None:
+        from .checkpoint import save_torch
+        if self.zero_stage != 3:
+            return self._save_engine_free_state(model, directory)
+        state = dict(model.optimizer.state_dict())
+        state["zero_stage"] = int(state["zero_stage"])
+        plain = (bool, int, float, str, type(None))  # the loss scaler is an object: kept as its numbers
+        state["loss_scaler"] = {k: v for k, v in vars(state["loss_scaler"]).items() if isinstance(v, plain)}
+        state["engine"] = {k: int(getattr(model, k, 0)) for k in self._ENGINE_COUNTERS}
+        state["world_size"] = self.accelerator.num_processes
+        save_torch(state, os.path.join(directory, self._ZERO_FILE.format(rank=self.accelerator.process_index)))
+
+    def load_optimizer_state(self, model, optimizer, directory: str) -> None:
+        from .checkpoint import load_torch
+        if self.zero_stage != 3:
+            return self._load_engine_free_state(model, directory)
+        path = os.path.join(directory, self._ZERO_FILE.format(rank=self.accelerator.process_index))
+        if not os.path.isfile(path):
+            raise UserError(
+                f"resume_from: {directory} holds no ZeRO-3 optimizer partition for rank {self.accelerator.process_index} "
+                f"(written with another number of processes?); resume with the world size it was written with"
+            )
+        state = load_torch(path)
+        zero = model.optimizer
+        zero.loss_scaler.__dict__.update(state.pop("loss_scaler"))
+        state["loss_scaler"] = zero.loss_scaler
+        for key, value in state.pop("engine").items():
+            setattr(model, key, value)
+        # Restores the fp32 master partitions, Adam's moments and the module's (bf16/fp16) partitions.
+        zero.load_state_dict([state] * self.accelerator.num_processes, load_optimizer_states=True)
+
+    def _save_engine_free_state(self, model, directory):  # ZeRO-0/1/2: not a layout this project runs
+        raise UserError("DeepSpeed config: checkpoints are implemented for ZeRO stage 3 only; use zero_optimization.stage 3")
+
+    _load_engine_free_state = _save_engine_free_state
+
+    def load_adapter_weights(self, model, tensors) -> None:
+        if self.zero_stage == 3:
+            return  # the fp32 master partitions restored by load_optimizer_state hold the same values
+        super().load_adapter_weights(model, tensors)
+
+    def optimizer_step(self, model, optimizer, finite: bool) -> None:
+        # The engine stepped inside accelerator.backward; it skips a step whose gradient norm is
+        # non-finite (overflow) in every precision. A non-finite step it did *not* skip has already
+        # changed the weights: stop rather than train on.
+        if not finite and not getattr(model.optimizer, "overflow", False):
+            raise RuntimeError(
+                "DeepSpeed applied an optimizer step that every rank found non-finite; the weights are no "
+                "longer trustworthy: resume from the last checkpoint"
+            )
+
+    def loss_scale(self, model) -> float | None:
+        if self.mixed_precision != "fp16":
+            return None
+        return float(getattr(model.optimizer, "loss_scale", getattr(model.optimizer, "cur_scale", 0.0)))
+
+    def nonfinite_grad_names(self, model, limit: int = 5) -> list[str] | None:
+        return None  # partitioned inside the engine, and already consumed by its step
+
 
 class FSDPBackend(Backend):
     name = "fsdp"
@@ -212,6 +329,34 @@ class FSDPBackend(Backend):
 
     def adapter_state_dict(self, model) -> dict[str, torch.Tensor]:
         return gather_fsdp_adapter(model, self)
+
+    # Adapter-only: the optimizer holds the LoRA parameters only, so its *full* state is small; it is
+    # gathered once and written by the main process (``torch.distributed.checkpoint.state_dict``).
+    def save_optimizer_state(self, model, optimizer, directory: str) -> None:
+        from .checkpoint import save_torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        inner = getattr(optimizer, "optimizer", optimizer)
+        state = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.accelerator.is_main_process:
+            save_torch(state, os.path.join(directory, "optimizer.pt"))
+            if self.accelerator.scaler is not None:
+                save_torch(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+
+    def load_optimizer_state(self, model, optimizer, directory: str) -> None:
+        from .checkpoint import load_torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        inner = getattr(optimizer, "optimizer", optimizer)
+        state = load_torch(os.path.join(directory, "optimizer.pt"))
+        set_optimizer_state_dict(model, inner, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(load_torch(os.path.join(directory, "scaler.pt")))
+
+    def load_adapter_weights(self, model, tensors) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, dict(tensors), options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def local_param_bytes(model, frozen_only: bool = False) -> int:

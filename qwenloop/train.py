@@ -1,7 +1,8 @@
 """``train(cfg)``: the whole training loop, top to bottom.
 
-build (accelerator, data, model, optimizer, schedule) -> prepare -> loop over optimizer steps
-(accumulate, autocast, backward, clip, step, log, eval) -> save the adapter -> end.
+build (accelerator, data, model, optimizer, schedule) -> prepare -> resume -> loop over optimizer steps
+(accumulate, autocast, backward, clip, NaN sentinel, step, log, eval, checkpoint, preemption) -> save the
+adapter -> end.
 
 Backend differences live in ``distributed.py``; this file never asks which backend runs.
 """
@@ -18,11 +19,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint
 from . import data as data_lib
 from . import distributed, model as model_lib
 from .adapter import save_adapter
 from .config import TrainConfig
-from .errors import UserError
+from .errors import RunStopped, UserError
+from .sentinel import NonFiniteSentinel
 
 logger = logging.getLogger("qwenloop")
 
@@ -40,6 +43,9 @@ class TrainResult:
     world_size: int = 1
     adapter_gather_bytes: int = 0
     base_bytes_per_rank: list = field(default_factory=list)  # frozen-base bytes held by each rank after loading
+    resumed_from: str | None = None  # the checkpoint this run continued from
+    last_checkpoint: str | None = None
+    bad_steps: int = 0  # non-finite steps skipped by the sentinel
     model: object = field(default=None, repr=False)  # the trained PEFT model (unwrapped), for use in-process
 
 
@@ -50,6 +56,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     backend.configure(cfg)
     _setup_logging(accelerator)
     _refuse_previous_run(cfg)
+    checkpoint.check_output_dir(cfg.output_dir)
+    resume_dir = checkpoint.resolve_resume(cfg)  # a bad resume_from fails here, before anything loads
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -117,75 +125,84 @@ def train(cfg: TrainConfig) -> TrainResult:
         total_steps, steps_per_epoch, cfg.micro_batch_size * gas * accelerator.num_processes,
         cfg.micro_batch_size, gas, accelerator.num_processes,
     )
-    _start_run_files(cfg, accelerator)
+
+    # ---- resume: adapter, optimizer, scheduler, GradScaler, RNG, data position ----
+    checkpoints = checkpoint.Checkpointer(cfg, accelerator, backend, model, optimizer, scheduler)
+    state = checkpoint.TrainerState(sampler_seed=cfg.seed, identity=checkpoint.run_identity(cfg, accelerator.num_processes, train_data))
+    if resume_dir:
+        state = checkpoints.resume(resume_dir, state.identity, steps_per_epoch * gas)
+    sentinel = NonFiniteSentinel(accelerator, backend, cfg.max_bad_steps, state.sentinel)
+    _start_run_files(cfg, accelerator, resumed_step=state.step if resume_dir else None)
     if cfg.report_to:
         accelerator.init_trackers("qwenloop", config=_flat(cfg.to_dict()))
 
     # ---- the loop ----
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    progress = _progress_bar(accelerator, total_steps)
+    progress = _progress_bar(accelerator, total_steps, initial=state.step)
     losses: list[float] = []
-    tokens_seen, started = 0, time.perf_counter()
-    step, epoch = 0, 0
+    started, tokens_at_start = time.perf_counter(), state.tokens_seen
     model.train()
-    while step < total_steps:
-        train_loader.set_epoch(epoch)
-        batches = iter(train_loader)
-        for _ in range(steps_per_epoch):
-            if step >= total_steps:
-                break
-            window = [next(batches) for _ in range(gas)]
-            # Normalise by the target tokens of the whole optimizer step, over every micro-batch and
-            # every rank: each target token weighs the same, however the batch was split.
-            local_targets = sum(_count_targets(b) for b in window)
-            step_targets = accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum").item()
-            # accelerate divides each micro-batch loss by `gas` and DDP/ZeRO/FSDP average gradients
-            # over ranks; multiplying by both leaves sum(token losses) / step_targets.
-            loss_scale = gas * accelerator.num_processes / step_targets
-            step_loss_sum, grad_norm = 0.0, None
-            for batch in window:
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    token_loss_sum = _token_loss_sum(logits, batch["labels"])
-                    accelerator.backward(token_loss_sum * loss_scale)
-                    step_loss_sum += token_loss_sum.detach().float().item()
-                    if accelerator.sync_gradients:
-                        grad_norm = backend.clip_grad_norm(model, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            step += 1
+    with checkpoint.StopSignals() as signals:
+        try:
+            while state.step < total_steps:
+                # Mid-epoch after a resume: the micro-batches already consumed are skipped, not loaded.
+                batches = checkpoint.epoch_batches(accelerator, train_loader, state.epoch, state.batches_in_epoch)
+                for _ in range(state.batches_in_epoch // gas, steps_per_epoch):
+                    if state.step >= total_steps:
+                        break
+                    window = [next(batches) for _ in range(gas)]
+                    loss, grad_norm, finite = _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, cfg, state.step + 1)
+                    skipped = not finite or accelerator.optimizer_step_was_skipped
+                    lr = scheduler.get_last_lr()[0]  # the rate this step used
+                    if not skipped:
+                        scheduler.step()
+                    epoch = state.epoch
+                    state.advance(gas, steps_per_epoch * gas)  # step + 1, and the data position
+                    sentinel.record(state.step, not skipped, backend.loss_scale(model))
 
-            loss = accelerator.reduce(torch.tensor(step_loss_sum, device=accelerator.device), "sum").item() / step_targets
-            tokens_seen += int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in window), device=accelerator.device), "sum").item())
-            losses.append(loss)
-            record = {
-                "step": step,
-                "epoch": epoch,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": tokens_seen,
-                "tokens_per_s": tokens_seen / (time.perf_counter() - started),
-                "skipped": bool(accelerator.optimizer_step_was_skipped),
-            }
-            if cfg.eval_every_steps and eval_loader is not None and step % cfg.eval_every_steps == 0 and step < total_steps:
-                record.update(evaluate(model, eval_loader, accelerator))
-                model.train()
-            if step % cfg.log_every_steps == 0 or step == total_steps or "eval_loss" in record:
-                _log_metrics(accelerator, metrics_path, record)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            progress.update(1)
-        epoch += 1
+                    step = state.step
+                    state.tokens_seen += int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in window), device=accelerator.device), "sum").item())
+                    losses.append(loss)
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": state.tokens_seen,
+                        "tokens_per_s": (state.tokens_seen - tokens_at_start) / (time.perf_counter() - started),
+                        "skipped": bool(skipped),
+                        "bad_steps": sentinel.total,
+                    }
+                    if backend.loss_scale(model) is not None:  # fp16: the scale, with `skipped` and `bad_steps`
+                        record["loss_scale"] = backend.loss_scale(model)
+                    if cfg.eval_every_steps and eval_loader is not None and step % cfg.eval_every_steps == 0 and step < total_steps:
+                        record.update(evaluate(model, eval_loader, accelerator))
+                        model.train()
+                    if step % cfg.log_every_steps == 0 or step == total_steps or "eval_loss" in record or skipped:
+                        _log_metrics(accelerator, metrics_path, record)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.update(1)
+
+                    # ---- failures, checkpoints, preemption (every rank decides the same) ----
+                    if sentinel.exhausted:
+                        raise sentinel.stop(cfg.output_dir, checkpoints.last)
+                    state.sentinel = sentinel.state()
+                    if checkpoints.due(step) and sentinel.consecutive == 0:  # never right after a non-finite step
+                        checkpoints.save(state)
+                    signum = signals.agreed(accelerator, step)  # did any rank get SIGTERM/SIGINT?
+                    if signum:
+                        raise checkpoints.preempted(state, signum)
+        except RunStopped:
+            progress.close()
+            accelerator.end_training()
+            raise
     progress.close()
 
     eval_metrics = {}
     if eval_loader is not None:
         eval_metrics = evaluate(model, eval_loader, accelerator)
-        _log_metrics(accelerator, metrics_path, {"step": step, **eval_metrics})
+        _log_metrics(accelerator, metrics_path, {"step": state.step, **eval_metrics})
 
     # ---- the adapter (gathered by every rank, written and verified by the main process) ----
     adapter_dir = save_adapter(accelerator, backend, model, tokenizer, os.path.join(cfg.output_dir, "adapter"))
@@ -194,13 +211,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = TrainResult(
         output_dir=cfg.output_dir,
         adapter_dir=adapter_dir,
-        steps=step,
+        steps=state.step,
         losses=losses,
         eval_loss=eval_metrics.get("eval_loss"),
         backend=backend.name,
         world_size=accelerator.num_processes,
         adapter_gather_bytes=backend.last_gather_bytes,
         base_bytes_per_rank=base_bytes_per_rank,
+        resumed_from=resume_dir,
+        last_checkpoint=checkpoints.last,
+        bad_steps=sentinel.total,
         model=accelerator.unwrap_model(model),
     )
     if accelerator.is_main_process:
@@ -210,6 +230,35 @@ def train(cfg: TrainConfig) -> TrainResult:
             json.dump(summary, f, indent=1)
     accelerator.end_training()  # destroys the process group; without it ZeRO-3 on CPU aborts at exit
     return result
+
+
+def _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, cfg, step: int):
+    """Forward/backward over the ``gas`` micro-batches of one window, clip, and step unless the
+    sentinel found the step non-finite on any rank. Returns (loss, grad norm, finite)."""
+    # Normalise by the target tokens of the whole optimizer step, over every micro-batch and every
+    # rank: each target token weighs the same, however the batch was split.
+    local_targets = sum(_count_targets(b) for b in window)
+    step_targets = accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum").item()
+    # accelerate divides each micro-batch loss by `gas` and DDP/ZeRO/FSDP average gradients over
+    # ranks; multiplying by both leaves sum(token losses) / step_targets.
+    loss_scale = len(window) * accelerator.num_processes / step_targets
+    step_loss_sum, grad_norm, finite = 0.0, None, True
+    for batch in window:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            token_loss_sum = _token_loss_sum(logits, batch["labels"])
+            token_loss_sum = checkpoint.poison_loss(token_loss_sum, accelerator.process_index, step)  # test-only hook
+            accelerator.backward(token_loss_sum * loss_scale)
+            step_loss_sum += token_loss_sum.detach().float().item()
+            if accelerator.sync_gradients:
+                sentinel.nonfinite_grads(model)  # looked at before clipping spreads one NaN to every gradient
+                grad_norm = backend.clip_grad_norm(model, cfg.max_grad_norm)
+                finite = sentinel.agree(step, step_loss_sum, grad_norm)  # the same answer on every rank
+                backend.optimizer_step(model, optimizer, finite)
+            optimizer.zero_grad(set_to_none=True)
+    loss = accelerator.reduce(torch.tensor(step_loss_sum, device=accelerator.device), "sum").item() / step_targets
+    return loss, grad_norm, finite
 
 
 @torch.no_grad()
@@ -253,23 +302,31 @@ def _make_scheduler(kind: str, optimizer, warmup: int, total: int):
 
 
 def _refuse_previous_run(cfg: TrainConfig) -> None:
-    """Checked before anything is loaded, so a refused run costs nothing and touches nothing."""
+    """Checked before anything is loaded, so a refused run costs nothing and touches nothing.
+    A resume (``resume_from`` set) continues the run that is there."""
     previous = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
-    if previous and not cfg.overwrite_output_dir:
+    if previous and not cfg.overwrite_output_dir and cfg.resume_from is None:
         raise UserError(
             f"output_dir: {cfg.output_dir} already holds a previous run ({', '.join(previous)}); choose another "
-            f"output_dir or set overwrite_output_dir: true"
+            f"output_dir, set resume_from: auto to continue it, or set overwrite_output_dir: true"
         )
 
 
-def _start_run_files(cfg: TrainConfig, accelerator) -> None:
-    """Once everything loaded: a fresh metrics file and the config used, next to the adapter."""
+def _start_run_files(cfg: TrainConfig, accelerator, resumed_step: int | None = None) -> None:
+    """Once everything loaded: a fresh metrics file (after a resume: the lines up to the checkpoint's
+    step, so that steps redone after it are not listed twice) and the config used."""
     accelerator.wait_for_everyone()  # every rank has checked the directory before it changes
     if accelerator.is_main_process:
         import yaml
 
         os.makedirs(cfg.output_dir, exist_ok=True)
-        open(os.path.join(cfg.output_dir, "metrics.jsonl"), "w").close()
+        path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        kept = []
+        if resumed_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     accelerator.wait_for_everyone()
@@ -284,10 +341,10 @@ def _log_metrics(accelerator, path: str, record: dict) -> None:
         accelerator.log(numeric, step=record["step"])
 
 
-def _progress_bar(accelerator, total: int):
+def _progress_bar(accelerator, total: int, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="training", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="training", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
 
 
 def _setup_logging(accelerator) -> None:
