@@ -161,7 +161,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     sentinel.record(state.step, not skipped, backend.loss_scale(model))
 
                     step = state.step
-                    state.tokens_seen += int(accelerator.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in window), device=accelerator.device), "sum").item())
+                    state.tokens_seen += _count_tokens(window, accelerator)
                     losses.append(loss)
                     record = {
                         "step": step,
@@ -174,8 +174,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                         "skipped": bool(skipped),
                         "bad_steps": sentinel.total,
                     }
-                    if backend.loss_scale(model) is not None:  # fp16: the scale, with `skipped` and `bad_steps`
-                        record["loss_scale"] = backend.loss_scale(model)
+                    loss_scale = backend.loss_scale(model)
+                    if loss_scale is not None:  # fp16: the scale, next to `skipped` and `bad_steps`
+                        record["loss_scale"] = loss_scale
                     if cfg.eval_every_steps and eval_loader is not None and step % cfg.eval_every_steps == 0 and step < total_steps:
                         record.update(evaluate(model, eval_loader, accelerator))
                         model.train()
@@ -288,6 +289,12 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=data_lib.IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def _count_tokens(window, accelerator) -> int:
+    """Non-padding tokens of one optimizer step, over all ranks (for tokens/s)."""
+    local = sum(int(b["attention_mask"].sum()) for b in window)
+    return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item())
 
 
 def _count_targets(batch) -> int:
