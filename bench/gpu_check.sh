@@ -3,7 +3,10 @@
 #   1. the CPU demo (`python examples/finetune.py`), here on the GPU;
 #   2. the same tiny-model training under every backend config on 1 GPU, fp16 and bf16, with and
 #      without 4-bit QLoRA: single_gpu.yaml, deepspeed_zero3.yaml, fsdp.yaml (FSDP2), fsdp1.yaml;
-#   3. a side-by-side table of the per-step losses (bench/loss_table.py).
+#   3. a side-by-side table of the per-step losses (bench/loss_table.py);
+#   4. checkpoint/resume on the GPU: 10 steps straight vs. 5 + SIGTERM + resume + 5 under fp16
+#      (GradScaler state), ZeRO-3 fp16 (DeepSpeed loss scaler) and FSDP2 bf16, compared bitwise
+#      (bench/compare_runs.py); and a planted NaN loss under fp16 (skipped steps, loss scale in metrics).
 # Usage: bash bench/gpu_check.sh OUTDIR   (runs 4 trainings at a time; a tiny model shares one GPU fine)
 set -uo pipefail
 OUT=${1:-bench/results/latest}
@@ -59,4 +62,27 @@ for bits in 0 4; do
 done
 printf '%s\n' "${jobs[@]}" | xargs -P 4 -L 1 bash -c 'run_one "$@"' _ 2>&1 | tee -a "$LOG"
 python3 bench/loss_table.py "$WORK/runs" | tee "$OUT/loss_table.md"
+resume_check() {  # name yaml precision-args...
+  local name=$1 yaml=$2; shift 2
+  local common=(-m qwenloop train examples/configs/demo.yaml --eval_file null --max_steps 10 --num_epochs 1
+                --checkpoint_every_steps 5 --gradient_checkpointing true)
+  local launch=(timeout 300 python3 -m accelerate.commands.launch --config_file "$yaml" --num_processes 1 "$@")
+  "${launch[@]}" --main_process_port 29701 "${common[@]}" --output_dir "$WORK/resume/$name-straight" > "$WORK/resume-$name.log" 2>&1
+  QWENLOOP_FAULT=sigterm:0:5 "${launch[@]}" --main_process_port 29702 "${common[@]}" --output_dir "$WORK/resume/$name-resumed" >> "$WORK/resume-$name.log" 2>&1
+  echo "== $name: stopped with rc=$? (143 expected from the rank, 1 from the launcher)"
+  "${launch[@]}" --main_process_port 29703 "${common[@]}" --output_dir "$WORK/resume/$name-resumed" --resume_from auto >> "$WORK/resume-$name.log" 2>&1
+  echo "== $name: resumed rc=$?"
+  python3 bench/compare_runs.py "$WORK/resume/$name-straight" "$WORK/resume/$name-resumed" || tail -20 "$WORK/resume-$name.log"
+}
+{
+  resume_check single-fp16 accelerate_configs/single_gpu.yaml --mixed_precision fp16
+  resume_check zero3-fp16 "$WORK/zero3_fp16.yaml"
+  resume_check fsdp2-bf16 accelerate_configs/fsdp.yaml --mixed_precision bf16
+  echo "== planted NaN loss at steps 3-4 under fp16 (single_gpu.yaml): metrics of steps 2-6"
+  QWENLOOP_FAULT=nan_loss:0:3-4 timeout 300 python3 -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml \
+    --num_processes 1 --mixed_precision fp16 --main_process_port 29704 -m qwenloop train examples/configs/demo.yaml \
+    --eval_file null --max_steps 8 --output_dir "$WORK/resume/nan-fp16" > "$WORK/nan-fp16.log" 2>&1
+  echo "rc=$?"
+  python3 -c "import json,sys; [print({k: r.get(k) for k in ('step','loss','skipped','bad_steps','loss_scale')}) for r in map(json.loads, open(sys.argv[1])) if 2 <= r.get('step', 0) <= 6]" "$WORK/resume/nan-fp16/metrics.jsonl"
+} 2>&1 | tee -a "$LOG"
 tar czf "$OUT/run_logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log) 2>/dev/null
