@@ -142,7 +142,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     losses: list[float] = []
     started, tokens_at_start = time.perf_counter(), state.tokens_seen
     model.train()
-    with checkpoint.StopSignals() as signals:
+    with checkpoint.StopSignals() as signals, progress:  # the bar is closed however the loop ends
         try:
             while state.step < total_steps:
                 # Mid-epoch after a resume: the micro-batches already consumed are skipped, not loaded.
@@ -195,10 +195,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     if signum:
                         raise checkpoints.preempted(state, signum)
         except RunStopped:
-            progress.close()
             accelerator.end_training()
             raise
-    progress.close()
 
     eval_metrics = {}
     if eval_loader is not None:
