@@ -195,7 +195,9 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool
     The template is rendered for growing prefixes of the conversation: the tokens between "prefix
     up to turn i with a generation prompt" and "prefix including assistant turn i" are turn i's
     answer. Trailing whitespace after the answer (the newline after ``<|im_end|>``) is not a target:
-    the model should learn to stop at ``<|im_end|>``.
+    the model should learn to stop at ``<|im_end|>``. Templates that render a turn differently once
+    later turns follow (Qwen3's drops the empty ``<think></think>`` block from earlier answers) are
+    not prefix-consistent; their answers are located in the rendered text instead.
     """
 
     def ids(msgs, generation_prompt=False) -> list[int]:
@@ -213,14 +215,40 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool
         upto = ids(messages[: i + 1])
         end = len(upto)
         if input_ids[:end] != upto:
-            raise UserError(
-                "the chat template is not prefix-consistent (rendering fewer turns changes earlier tokens), "
-                "so assistant tokens cannot be located; set chat_template to one that is"
-            )
+            return _labels_by_search(tokenizer, messages)
         while end > start and not tokenizer.decode(input_ids[end - 1 : end]).strip():
             end -= 1
         labels[start:end] = input_ids[start:end]
     return input_ids, labels
+
+
+def _labels_by_search(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Labels for a template that is not prefix-consistent: find each turn's text, in order, in the
+    rendered conversation; an assistant answer and the end-of-turn token right after it are targets.
+    Needs a fast tokenizer (character offsets)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    eos = tokenizer.eos_token or IM_END
+    spans, pos = [], 0
+    for i, turn in enumerate(messages):
+        found = text.find(turn["content"], pos)
+        if found < 0:
+            if turn["role"] == "assistant":
+                raise UserError(
+                    f"assistant turn {i} does not appear verbatim in the text the chat template renders, so its "
+                    f"tokens cannot be located; set chat_template to a template that keeps answers as they are"
+                )
+            continue
+        pos = found + len(turn["content"])
+        if turn["role"] == "assistant":
+            end = pos + len(eos) if text.startswith(eos, pos) else pos
+            spans.append((found, end))
+            pos = end
+    labels = [IGNORE_INDEX] * len(encoded["input_ids"])
+    for k, (tok_start, tok_end) in enumerate(encoded["offset_mapping"]):
+        if tok_end > tok_start and any(s <= tok_start and tok_end <= e for s, e in spans):
+            labels[k] = encoded["input_ids"][k]
+    return list(encoded["input_ids"]), labels
 
 
 # --------------------------------------------------------------------------------------------

@@ -226,3 +226,27 @@ def test_tokenizer_without_template_or_chatml_tokens_is_refused(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
     with pytest.raises(UserError, match="no chat template and no <\\|im_start\\|>/<\\|im_end\\|> tokens"):
         ensure_chat_template(tok, "plain-tokenizer")
+
+
+# Qwen3-style: the last answer gets an empty think block that earlier answers lose once a later turn
+# follows, so rendering a prefix changes earlier tokens (not prefix-consistent).
+QWEN3_LIKE_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_template_that_is_not_prefix_consistent(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = QWEN3_LIKE_TEMPLATE
+    ids, labels = tokenize_conversation(tok, CONVERSATION, train_on_prompt=False)
+    assert tok.decode(ids).count("<think>") == 1  # only the last answer carries the think block
+    assert target_segments(tok, ids, labels) == ["red red<|im_end|>", "blue blue<|im_end|>"]
