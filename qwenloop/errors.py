@@ -1,4 +1,4 @@
-"""The one exception type for problems the user can fix.
+"""How a run ends when it does not finish: bad input (``UserError``) or a deliberate stop (``RunStopped``).
 
 A ``UserError`` carries a one-line message that names the file / line / field at fault and what to
 do. Entry points catch it, print ``error: <message>`` to stderr and exit with code 2 (no traceback).
@@ -16,6 +16,7 @@ class UserError(Exception):
     def __init__(self, message: str):
         # One line, always: multi-line messages get lost in the logs of 8 ranks.
         super().__init__(" ".join(str(message).split()))
+
 
 EXIT_NONFINITE = 3
 """Exit code of a run stopped by the NaN/overflow sentinel (``max_bad_steps`` consecutive bad steps)."""
