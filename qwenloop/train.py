@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint
 from . import data as data_lib
@@ -25,6 +24,7 @@ from . import distributed, model as model_lib
 from .adapter import save_adapter
 from .config import TrainConfig
 from .errors import RunStopped, UserError
+from .loss import count_targets, token_loss_sum
 from .sentinel import NonFiniteSentinel
 
 logger = logging.getLogger("qwenloop")
@@ -236,7 +236,7 @@ def _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, cf
     sentinel found the step non-finite on any rank. Returns (loss, grad norm, finite)."""
     # Normalise by the target tokens of the whole optimizer step, over every micro-batch and every
     # rank: each target token weighs the same, however the batch was split.
-    local_targets = sum(_count_targets(b) for b in window)
+    local_targets = sum(count_targets(b) for b in window)
     step_targets = accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum").item()
     # accelerate divides each micro-batch loss by `gas` and DDP/ZeRO/FSDP average gradients over
     # ranks; multiplying by both leaves sum(token losses) / step_targets.
@@ -246,10 +246,10 @@ def _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, cf
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_loss_sum = _token_loss_sum(logits, batch["labels"])
-            token_loss_sum = checkpoint.poison_loss(token_loss_sum, accelerator.process_index, step)  # test-only hook
-            accelerator.backward(token_loss_sum * loss_scale)
-            step_loss_sum += token_loss_sum.detach().float().item()
+            batch_loss_sum = token_loss_sum(logits, batch["labels"])
+            batch_loss_sum = checkpoint.poison_loss(batch_loss_sum, accelerator.process_index, step)  # test-only hook
+            accelerator.backward(batch_loss_sum * loss_scale)
+            step_loss_sum += batch_loss_sum.detach().float().item()
             if accelerator.sync_gradients:
                 sentinel.nonfinite_grads(model)  # looked at before clipping spreads one NaN to every gradient
                 grad_norm = backend.clip_grad_norm(model, cfg.max_grad_norm)
@@ -269,34 +269,18 @@ def evaluate(model, eval_loader, accelerator) -> dict[str, float]:
     for batch in eval_loader:
         with accelerator.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += _token_loss_sum(logits, batch["labels"]).double()
-        targets += _count_targets(batch)
+        loss_sum += token_loss_sum(logits, batch["labels"]).double()
+        targets += count_targets(batch)
     # even_batches pads the last batches with repeated examples on some ranks; their few duplicated
     # tokens are a negligible bias for an eval loss.
     loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(targets, "sum").clamp(min=1)).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies over target positions, computed in fp32."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=data_lib.IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
 def _count_tokens(window, accelerator) -> int:
     """Non-padding tokens of one optimizer step, over all ranks (for tokens/s)."""
     local = sum(int(b["attention_mask"].sum()) for b in window)
     return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item())
-
-
-def _count_targets(batch) -> int:
-    return int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
 
 
 def _make_scheduler(kind: str, optimizer, warmup: int, total: int):

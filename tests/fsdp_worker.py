@@ -21,7 +21,8 @@ from qwenloop.adapter import save_adapter
 from qwenloop.data import build_dataset, make_dataloader
 from qwenloop.distributed import FSDPBackend
 from qwenloop.model import load_model, load_tokenizer
-from qwenloop.train import _count_targets, _make_scheduler, _token_loss_sum
+from qwenloop.loss import count_targets, token_loss_sum
+from qwenloop.train import _make_scheduler
 
 
 def main(config_path: str, version: int, out_dir: str) -> None:
@@ -69,12 +70,12 @@ def main(config_path: str, version: int, out_dir: str) -> None:
     wrapped.train()
     for step in range(cfg.max_steps):
         window = mine[step * gas:(step + 1) * gas]
-        targets = torch.tensor(float(sum(_count_targets(b) for b in window)))
+        targets = torch.tensor(float(sum(count_targets(b) for b in window)))
         dist.all_reduce(targets)
         loss_sum = torch.zeros(())
         for batch in window:
             logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_loss = _token_loss_sum(logits, batch["labels"])
+            token_loss = token_loss_sum(logits, batch["labels"])
             (token_loss * world / targets).backward()  # FSDP averages gradients over ranks
             loss_sum += token_loss.detach()
         if version == 2:
