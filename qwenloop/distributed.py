@@ -87,6 +87,11 @@ class Backend:
     def check_quantization(self, bits: int) -> None:
         """Raise before loading when this backend cannot run the requested quantization."""
 
+    def load_on_meta(self, quantized: bool) -> bool:
+        """Build the model without weights (meta device) on this rank: another rank reads the checkpoint
+        and the backend copies its weights over at ``prepare``."""
+        return False
+
     def from_pretrained_kwargs(self, quantized: bool) -> dict:
         if quantized and torch.cuda.is_available():
             # bitsandbytes quantizes while loading onto the device this rank trains on.
@@ -311,9 +316,18 @@ class FSDPBackend(Backend):
                 "sharded); use quantization.bits: 4 (QLoRA) or an fp16/bf16 base"
             )
 
+    def load_on_meta(self, quantized: bool) -> bool:
+        # accelerate's fsdp_cpu_ram_efficient_loading: only the first rank of each machine reads the
+        # checkpoint (one copy of a 72B model in host RAM, not eight); at prepare, FSDP2 broadcasts its
+        # state dict and FSDP1 syncs module states from it. transformers 5.x no longer does this by
+        # itself (every rank read the weights, tests/test_fsdp.py), so qwenloop does. Not for 4-bit
+        # weights: accelerate cannot move bitsandbytes parameters through the meta device.
+        plugin = self.accelerator.state.fsdp_plugin
+        return bool(getattr(plugin, "cpu_ram_efficient_loading", False)) and not quantized and (
+            not self.accelerator.is_local_main_process
+        )
+
     def from_pretrained_kwargs(self, quantized: bool) -> dict:
-        # cpu-ram-efficient loading (rank 0 reads, others on meta) is accelerate's fsdp config option
-        # and is applied by transformers itself when the FSDP env is set.
         return {}
 
     def before_prepare(self, model) -> None:
@@ -361,7 +375,7 @@ class FSDPBackend(Backend):
 
 def local_param_bytes(model, frozen_only: bool = False) -> int:
     """Bytes of parameters this process holds: a ZeRO-3 partitioned parameter counts its local
-    partition (``ds_tensor``), not its full size; an FSDP2 DTensor its local shard."""
+    partition (``ds_tensor``), not its full size; an FSDP2 DTensor its local shard; a meta tensor 0."""
     total = 0
     for p in model.parameters():
         if frozen_only and p.requires_grad:
@@ -369,6 +383,8 @@ def local_param_bytes(model, frozen_only: bool = False) -> int:
         local = getattr(p, "ds_tensor", None)
         if local is None:
             local = p.to_local() if hasattr(p, "to_local") else p
+        if local.is_meta:  # FSDP cpu-ram-efficient loading: ranks > 0 wait on meta for rank 0's weights
+            continue
         total += local.numel() * local.element_size()
     return total
 

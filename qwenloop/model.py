@@ -89,6 +89,8 @@ def load_model(cfg, backend):
         quantization_config=quant,
         **backend.from_pretrained_kwargs(quantized=quant is not None),
     )
+    if backend.load_on_meta(quantized=quant is not None):
+        return _finish(_empty_model(cfg, dtype), cfg, quantized=False)
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, **kwargs)
     except (ValueError, ImportError) as e:
@@ -98,13 +100,31 @@ def load_model(cfg, backend):
         model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager", **kwargs)
     except OSError as e:
         raise UserError(f"model: cannot load weights from {cfg.model!r} ({str(e).splitlines()[0]})")
+    return _finish(model, cfg, quantized=quant is not None)
+
+
+def _empty_model(cfg, dtype: torch.dtype):
+    """The architecture without weights: parameters on the meta device (no memory, no file read),
+    buffers real (RoPE's inv_freq is not in the checkpoint and is never broadcast)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
+        )
+
+
+def _finish(model, cfg, quantized: bool):
+    """Checkpointing, LoRA and fp32 trainable weights on a loaded (or meta) base."""
     model.config.use_cache = False  # the KV cache is useless in training and breaks with checkpointing
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": cfg.gradient_checkpointing_reentrant}
         )
-        if cfg.gradient_checkpointing_reentrant or quant is not None:
+        if cfg.gradient_checkpointing_reentrant or quantized:
             # Reentrant checkpointing only back-propagates into a segment whose *inputs* require grad;
             # with a frozen embedding nothing does, and LoRA would get no gradient at all.
             model.enable_input_require_grads()

@@ -35,7 +35,7 @@ def main(config_path: str, version: int, out_dir: str) -> None:
     tokenizer = load_tokenizer(cfg)
     data = build_dataset(cfg.train_file, tokenizer, cfg)
     fp32 = types.SimpleNamespace(mixed_precision="no", check_quantization=lambda bits: None,
-                                 from_pretrained_kwargs=lambda quantized: {})
+                                 from_pretrained_kwargs=lambda quantized: {}, load_on_meta=lambda quantized: False)
     model = load_model(cfg, fp32)
 
     # The same FSDPBackend the accelerate path uses, with a stand-in for the accelerator it reads from.

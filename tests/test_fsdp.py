@@ -62,3 +62,24 @@ def test_fsdp_matches_single_process(tmp_path, tiny_model, train_jsonl, single, 
     # Only the adapter crossed the wire for the save (FSDP1: only the LoRA units were summoned).
     adapter_bytes = sum(t.numel() * t.element_size() for t in load_adapter_tensors(out / "adapter").values())
     assert info["adapter_gather_bytes"] == adapter_bytes
+
+
+def test_cpu_ram_efficient_loading_reads_weights_on_rank0_only(tiny_model):
+    """FSDP cpu-ram-efficient loading: rank 0 holds the base, rank 1 only its shape on the meta device
+    (FSDP fills it from rank 0 at prepare), with real buffers on both."""
+    import re
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(REPO / "tests" / "fsdp_load_worker.py"), tiny_model]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = {int(m[0]): tuple(map(int, m[1:])) for m in
+             re.findall(r"RANK (\d) BASE_BYTES (\d+) META_PARAMS (\d+) REAL_BUFFERS (\d+)", proc.stdout)}
+    from safetensors.torch import load_file
+
+    base_bytes = sum(t.numel() * t.element_size() for t in load_file(os.path.join(tiny_model, "model.safetensors")).values())
+    (bytes0, meta0, buffers0), (bytes1, meta1, buffers1) = ranks[0], ranks[1]
+    assert bytes0 == base_bytes and meta0 == 0
+    assert bytes1 == 0 and meta1 > 0
+    assert buffers0 == buffers1 > 0

@@ -113,7 +113,7 @@ def test_lora_weights_stay_fp32_under_fp16(tiny_model):
     from qwenloop.model import load_model
 
     fp16_backend = SimpleNamespace(mixed_precision="fp16", check_quantization=lambda bits: None,
-                                   from_pretrained_kwargs=lambda quantized: {})
+                                   from_pretrained_kwargs=lambda quantized: {}, load_on_meta=lambda quantized: False)
     cfg = TrainConfig.from_dict({"model": tiny_model, "train_file": "unused.jsonl"})
     model = load_model(cfg, fp16_backend)
     trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
