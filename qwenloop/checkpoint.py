@@ -345,7 +345,6 @@ class Checkpointer:
 
     # --- save ------------------------------------------------------------------------------
     def save(self, state: TrainerState) -> str:
-        acc = self.accelerator
         final = os.path.join(self.root, checkpoint_name(state.step))
         tmp = os.path.join(self.root, TMP_PREFIX + checkpoint_name(state.step))
         started = time.perf_counter()

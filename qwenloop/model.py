@@ -28,7 +28,8 @@ def compute_dtype(mixed_precision: str) -> torch.dtype:
 
 
 def _check_model_path(name: str) -> None:
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+    # A hub id is "org/name"; anything else that is not an existing directory is a mistyped path.
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(name)):
         raise UserError(f"model: directory {name!r} not found; set model to a local model directory or a hub id")
 

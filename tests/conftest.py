@@ -54,19 +54,32 @@ def train_jsonl() -> str:
     return str(write_jsonl(_SESSION_TMP / "data" / "train.jsonl", demo_conversations(64, seed=1)))
 
 
-@pytest.fixture
-def reset_accelerate():
-    """accelerate keeps process-wide singletons; in-process runs reset them before and after."""
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons (state, gradient state): an in-process run must start
+    from none, as a fresh process would."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    def reset():
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
-    reset()
+
+def train_in_process(config: dict):
+    """`qwenloop.train` on a config dict, in this process, with accelerate's singletons reset around it."""
+    from qwenloop import TrainConfig, train
+
+    reset_accelerate_state()
+    try:
+        return train(TrainConfig.from_dict(config))
+    finally:
+        reset_accelerate_state()
+
+
+@pytest.fixture
+def reset_accelerate():
+    reset_accelerate_state()
     yield
-    reset()
+    reset_accelerate_state()
 
 
 def base_config(model: str, train_file: str, output_dir, **overrides) -> dict:

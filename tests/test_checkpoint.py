@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import base_config, load_adapter_tensors, run_cli, write_yaml
+from conftest import base_config, load_adapter_tensors, reset_accelerate_state, run_cli, write_yaml
 from qwenloop import TrainConfig, train
 from qwenloop import checkpoint as ckpt
 from qwenloop.errors import UserError
-
-
-def _reset():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
@@ -105,11 +97,11 @@ def test_fault_spec_steps(monkeypatch):
 
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory, tiny_model, train_jsonl):
-    _reset()
+    reset_accelerate_state()
     out = tmp_path_factory.mktemp("ckpt") / "run"
     result = train(TrainConfig.from_dict(base_config(tiny_model, train_jsonl, out, max_steps=4, checkpoint_every_steps=1,
                                                       keep_last_checkpoints=2)))
-    _reset()
+    reset_accelerate_state()
     return out, result
 
 
@@ -173,7 +165,7 @@ def test_incompatible_checkpoint_is_refused_unless_forced(checkpointed_run, tmp_
     with pytest.raises(UserError, match=r"resume_from: .*step-0000004 was written with other settings "
                                         r"\(micro_batch_size 4 -> 2\).*force_resume: true"):
         train(TrainConfig.from_dict(changed))
-    _reset()
+    reset_accelerate_state()
     result = train(TrainConfig.from_dict({**changed, "force_resume": True}))
     assert result.steps == 6 and result.resumed_from.endswith("step-0000004")
     assert len(result.losses) == 2

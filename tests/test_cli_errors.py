@@ -2,7 +2,6 @@
 nothing already written is touched."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_adapters_close, base_config, launch, load_adapter_tensors, train_losses, write_yaml
+from conftest import (assert_adapters_close, base_config, launch, load_adapter_tensors, train_in_process, train_losses,
+                      write_yaml)
 from qwenloop.adapter import verify_adapter
 
 pytestmark = pytest.mark.slow
@@ -17,17 +18,9 @@ STEPS = dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=5e-3)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, train_jsonl):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from qwenloop import TrainConfig, train
-
     root = tmp_path_factory.mktemp("dist")
     out = {}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    train(TrainConfig.from_dict(base_config(tiny_model, train_jsonl, root / "single", micro_batch_size=4, **STEPS)))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    train_in_process(base_config(tiny_model, train_jsonl, root / "single", micro_batch_size=4, **STEPS))
     out["single"] = root / "single"
     for name, yaml_name, env in [
         ("ddp", "ddp_2cpu.yaml", {"ACCELERATE_USE_CPU": "true"}),

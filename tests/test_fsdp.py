@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _free_port, assert_adapters_close, base_config, load_adapter_tensors, train_losses, write_yaml
+from conftest import (REPO, _free_port, assert_adapters_close, base_config, load_adapter_tensors, train_in_process,
+                      train_losses, write_yaml)
 from qwenloop.adapter import verify_adapter
 
 pytestmark = pytest.mark.slow
@@ -19,16 +20,8 @@ STEPS = dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=5e-3, lr_
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model, train_jsonl):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from qwenloop import TrainConfig, train
-
     out = tmp_path_factory.mktemp("fsdp") / "single"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    train(TrainConfig.from_dict(base_config(tiny_model, train_jsonl, out, micro_batch_size=4, **STEPS)))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    train_in_process(base_config(tiny_model, train_jsonl, out, micro_batch_size=4, **STEPS))
     return out
 
 

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, _free_port, base_config, load_adapter_tensors, read_metrics, write_yaml
+from conftest import CONFIGS, REPO, _free_port, base_config, reset_accelerate_state, load_adapter_tensors, read_metrics, write_yaml
 from qwenloop import TrainConfig, train
 from qwenloop import checkpoint as ckpt
 from qwenloop.errors import EXIT_NONFINITE, RunStopped
@@ -26,14 +26,6 @@ from qwenloop.errors import EXIT_NONFINITE, RunStopped
 COMMON = dict(max_steps=8, gradient_accumulation_steps=3, learning_rate=5e-3, lora={"dropout": 0.1}, checkpoint_every_steps=3)
 COMPARED = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "skipped")
 LAUNCH = {"ddp": ("ddp_2cpu.yaml", {"ACCELERATE_USE_CPU": "true"}), "zero3": ("zero3_2cpu.yaml", {"DS_ACCELERATOR": "cpu"})}
-
-
-def _reset():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def launch_rc(accelerate_yaml, train_yaml, env_extra, fault=None, timeout=600) -> subprocess.CompletedProcess:
@@ -76,9 +68,9 @@ def assert_same_run(straight, resumed):
 def single(tmp_path_factory, tiny_model, train_jsonl):
     root = tmp_path_factory.mktemp("single")
     cfg = base_config(tiny_model, train_jsonl, root / "straight", micro_batch_size=4, **COMMON)
-    _reset()
+    reset_accelerate_state()
     train(TrainConfig.from_dict(cfg))
-    _reset()
+    reset_accelerate_state()
     stopped_cfg = {**cfg, "output_dir": str(root / "stopped")}
     os.environ["QWENLOOP_FAULT"] = "sigterm:0:4"  # the real handler: this process sends itself SIGTERM
     try:
@@ -86,10 +78,10 @@ def single(tmp_path_factory, tiny_model, train_jsonl):
             train(TrainConfig.from_dict(stopped_cfg))
     finally:
         del os.environ["QWENLOOP_FAULT"]
-        _reset()
+        reset_accelerate_state()
     stopped_checkpoints = [s for s, _ in ckpt.list_checkpoints(root / "stopped")]
     resumed = train(TrainConfig.from_dict({**stopped_cfg, "resume_from": "auto"}))
-    _reset()
+    reset_accelerate_state()
     return {"root": root, "stop": stop.value, "stopped_checkpoints": stopped_checkpoints, "resumed": resumed, "cfg": cfg}
 
 

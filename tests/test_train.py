@@ -4,15 +4,14 @@ gradient accumulation is equivalent to a bigger batch, QLoRA trains."""
 import pytest
 import torch
 
-from conftest import assert_adapters_close, base_config, load_adapter_tensors, read_metrics
-from qwenloop import TrainConfig, train
+from conftest import assert_adapters_close, base_config, load_adapter_tensors, read_metrics, train_in_process
+from qwenloop import TrainConfig
 from qwenloop.adapter import verify_adapter
 from qwenloop.model import expected_adapter_shapes
 
 
 def run(tmp_path, name, tiny_model, data, **overrides):
-    cfg = TrainConfig.from_dict(base_config(tiny_model, data, tmp_path / name, **overrides))
-    return train(cfg)
+    return train_in_process(base_config(tiny_model, data, tmp_path / name, **overrides))
 
 
 def test_loss_falls_and_files_are_written(tmp_path, tiny_model, train_jsonl, reset_accelerate):
@@ -51,10 +50,6 @@ def test_gradient_accumulation_equals_bigger_batch(tmp_path, tiny_model, train_j
     """2 x micro-batch 2 == 1 x micro-batch 4, with uneven target-token counts per micro-batch."""
     common = dict(max_steps=4, learning_rate=5e-3)
     accumulated = run(tmp_path, "acc", tiny_model, train_jsonl, micro_batch_size=2, gradient_accumulation_steps=2, **common)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
     big = run(tmp_path, "big", tiny_model, train_jsonl, micro_batch_size=4, gradient_accumulation_steps=1, **common)
     assert accumulated.losses == pytest.approx(big.losses, rel=1e-5)
     assert_adapters_close(accumulated.adapter_dir, big.adapter_dir, rel=1e-5)
@@ -90,14 +85,10 @@ def test_qlora_4bit_trains(tmp_path, tiny_model, train_jsonl, reset_accelerate):
 def test_checkpointing_modes_train_like_no_checkpointing(tmp_path, tiny_model, train_jsonl, reset_accelerate):
     """Non-reentrant and reentrant checkpointing give the same training as none: LoRA gets its
     gradients in both (reentrant needs enable_input_require_grads, else nothing trains)."""
-    from accelerate.state import AcceleratorState, GradientState
-
     results = {}
     for name, overrides in [("none", {"gradient_checkpointing": False}),
                             ("nonreentrant", {"gradient_checkpointing": True}),
                             ("reentrant", {"gradient_checkpointing": True, "gradient_checkpointing_reentrant": True})]:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
         results[name] = run(tmp_path, name, tiny_model, train_jsonl, max_steps=3, learning_rate=5e-3, **overrides)
     for name in ("nonreentrant", "reentrant"):
         assert results[name].losses == pytest.approx(results["none"].losses, rel=1e-5), name
