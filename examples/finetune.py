@@ -10,7 +10,7 @@ Any training-config key can be overridden after the config: --learning_rate 1e-4
 import os
 import sys
 
-from qwenloop.cli import main as qwenloop_main
+from qwenloop.cli import exit_process, main as qwenloop_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(HERE, "configs", "demo.yaml")
@@ -59,8 +59,8 @@ def generate(model_dir: str, adapter_dir, messages, max_new_tokens: int = 24) ->
 if __name__ == "__main__":
     args = sys.argv[1:]
     if not args:
-        sys.exit(demo())
+        exit_process(demo())
     if args[0] != "--config" or len(args) < 2:
         print("usage: finetune.py [--config CONFIG.yaml [--key value ...]]", file=sys.stderr)
         sys.exit(2)
-    sys.exit(qwenloop_main(["train", args[1], *args[2:]]))
+    exit_process(qwenloop_main(["train", args[1], *args[2:]]))  # sys.exit, but safe for multi-process CPU runs

@@ -68,5 +68,29 @@ def config_reference_markdown(rows) -> str:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point (``qwenloop``, ``python -m qwenloop``)."""
+    exit_process(main())
+
+
+def exit_process(code: int) -> None:
+    """End the process with ``code``.
+
+    A rank of a multi-process CPU run skips the interpreter's finalization (``os._exit`` once output
+    is flushed): a gloo worker thread may still be releasing the tensors of the last collective, needs
+    the GIL for it, and the interpreter tearing down then aborts the process with "terminate called
+    without an active exception" after all its work is done (pytorch/pytorch#190489). Seen here in
+    about one 2-rank launch in ten; a process group that is still referenced (FSDP2's device mesh,
+    DeepSpeed's groups) outlives ``destroy_process_group``, so destroying it does not prevent this.
+    Everything qwenloop writes is closed and fsynced before this point.
+    """
+    from .distributed import is_multiprocess_cpu
+
+    if is_multiprocess_cpu():
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -25,7 +25,7 @@ def create_accelerator(cfg):
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
     kwargs_handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if is_multiprocess_cpu():
         # Without this, a multi-process CPU launch (tests, demo) gets no gloo group and each rank
         # believes it is alone. (In a plain single process it must not be set: there is no group.)
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
@@ -41,6 +41,11 @@ def create_accelerator(cfg):
     )
     check_precision_supported(accelerator.mixed_precision, _device_capability())
     return accelerator
+
+
+def is_multiprocess_cpu() -> bool:
+    """Several processes and no GPU: the ranks talk over gloo (tests, CPU demos)."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _device_capability():
@@ -351,7 +356,10 @@ class FSDPBackend(Backend):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         inner = getattr(optimizer, "optimizer", optimizer)
-        state = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # cpu_offload only when training on an accelerator: on a CPU, torch's FSDP1 path then returns
+        # views of one gather buffer it reuses for each state (exp_avg came back holding exp_avg_sq).
+        offload = torch.device(self.accelerator.device).type != "cpu"
+        state = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
         if self.accelerator.is_main_process:
             save_torch(state, os.path.join(directory, "optimizer.pt"))
             if self.accelerator.scaler is not None:

@@ -322,9 +322,8 @@ def _start_run_files(cfg: TrainConfig, accelerator, resumed_step: int | None = N
 
 
 def _end(accelerator) -> None:
-    """All ranks leave together, then the process group is destroyed. Without end_training a ZeRO-3
-    CPU run aborts at exit ("terminate called without an active exception"); with it but no barrier,
-    a rank that finished first (the ones that do not write) was seen to abort the same way, rarely."""
+    """All ranks leave together, then the process group is destroyed (trackers closed). A CPU run's
+    gloo threads can still abort the interpreter's exit after this: ``cli.exit_process`` is the cure."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -1,5 +1,11 @@
-"""qwenloop's FSDP code (wrap policy, adapter gather, save) on 2 real gloo ranks with torch FSDP2 and
-FSDP1, compared with a single-process `train()` of the same config and global batch."""
+"""qwenloop's FSDP code on 2 real gloo ranks, driven by the repo's own accelerate FSDP configs.
+
+accelerate refuses FSDP on CPU, so tests/fsdp_worker.py does what ``accelerator.prepare`` does, with
+accelerate's own plugin (built from the environment ``accelerate launch`` derives from
+accelerate_configs/fsdp.yaml or fsdp1.yaml) and accelerate's own FSDP2 preparation. Compared with a
+single-process ``train()`` of the same config and global batch: losses, adapter, what a save gathers,
+what each rank holds, and an exact resume from a checkpoint.
+"""
 
 import json
 import os
@@ -8,71 +14,129 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import (REPO, _free_port, assert_adapters_close, base_config, load_adapter_tensors, train_in_process,
-                      train_losses, write_yaml)
+from conftest import (REPO, _free_port, assert_adapters_close, base_config, load_adapter_tensors, read_metrics,
+                      train_in_process, train_losses, write_yaml)
 from qwenloop.adapter import verify_adapter
 
 pytestmark = pytest.mark.slow
 
 STEPS = dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=5e-3, lr_scheduler="cosine", warmup_steps=1)
+QLORA = {"quantization": {"bits": 4}}
+CONFIGS = ["fsdp.yaml", "fsdp1.yaml"]  # FSDP2 (the default) and FSDP1
+
+
+def launcher_env(accelerate_yaml: str) -> dict:
+    """The FSDP_* variables ``accelerate launch --config_file accelerate_configs/<yaml>`` gives each rank
+    (accelerate's own launcher code; mixed precision left out: these runs compare fp32)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(REPO / "accelerate_configs" / accelerate_yaml), "--num_processes", "2", "unused.py"])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith("FSDP_")}
+
+
+def run_worker(out: Path, config: dict, accelerate_yaml: str, *worker_args: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = write_yaml(out / "config.yaml", config)
+    env = {**os.environ, **launcher_env(accelerate_yaml), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(REPO / "tests" / "fsdp_worker.py"), str(cfg), str(out), *worker_args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads((out / "run.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, tiny_model, train_jsonl):
-    out = tmp_path_factory.mktemp("fsdp") / "single"
-    train_in_process(base_config(tiny_model, train_jsonl, out, micro_batch_size=4, **STEPS))
-    return out
+def runs(tmp_path_factory, tiny_model, train_jsonl):
+    """Trainings shared by the tests of this module, each run once: ``runs(kind, quantization)`` with
+    kind "single" (one process, micro-batch 4) or an accelerate FSDP yaml (2 ranks, micro-batch 2)."""
+    root, done = tmp_path_factory.mktemp("fsdp"), {}
+
+    def get(kind: str, quantization: dict | None = None) -> Path:
+        key = (kind, bool(quantization))
+        if key not in done:
+            out = root / f"{kind}{'-4bit' if quantization else ''}"
+            extra = quantization or {}
+            if kind == "single":
+                train_in_process(base_config(tiny_model, train_jsonl, out, micro_batch_size=4, **STEPS, **extra))
+            else:
+                run_worker(out, base_config(tiny_model, train_jsonl, out, micro_batch_size=2, **STEPS, **extra), kind)
+            done[key] = out
+        return done[key]
+
+    return get
 
 
-def run_fsdp(tmp_path, tiny_model, train_jsonl, version: int) -> Path:
-    out = tmp_path / f"fsdp{version}"
-    out.mkdir()
-    cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, train_jsonl, out, micro_batch_size=2, **STEPS))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(REPO / "tests" / "fsdp_worker.py"), str(cfg), str(version), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return out
+def model_file_bytes(model_dir: str) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for t in load_file(os.path.join(model_dir, "model.safetensors")).values())
 
 
-@pytest.mark.parametrize("version", [2, 1])
-def test_fsdp_matches_single_process(tmp_path, tiny_model, train_jsonl, single, version):
-    out = run_fsdp(tmp_path, tiny_model, train_jsonl, version)
-    info = json.loads((out / "run.json").read_text())
-    assert info["world_size"] == 2
-    assert train_losses(out) == pytest.approx(train_losses(single), rel=1e-5)
-
+def check_adapter(out: Path, tiny_model: str) -> None:
+    """Full shapes (not a rank's shard), loadable by PEFT, and only the adapter gathered for the save."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from qwenloop.model import expected_adapter_shapes
 
+    info = json.loads((out / "run.json").read_text())
+    assert info["world_size"] == 2
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out / "adapter"))
-    verify_adapter(str(out / "adapter"), expected_adapter_shapes(loaded))  # full shapes, not rank 0's shard
-    assert_adapters_close(out / "adapter", single / "adapter", rel=1e-5)
-    # Only the adapter crossed the wire for the save (FSDP1: only the LoRA units were summoned).
+    verify_adapter(str(out / "adapter"), expected_adapter_shapes(loaded))
     adapter_bytes = sum(t.numel() * t.element_size() for t in load_adapter_tensors(out / "adapter").values())
-    assert info["adapter_gather_bytes"] == adapter_bytes
+    assert info["adapter_gather_bytes"] == adapter_bytes  # FSDP1: only the LoRA units were summoned
 
 
-def test_cpu_ram_efficient_loading_reads_weights_on_rank0_only(tiny_model):
-    """FSDP cpu-ram-efficient loading: rank 0 holds the base, rank 1 only its shape on the meta device
-    (FSDP fills it from rank 0 at prepare), with real buffers on both."""
-    import re
+@pytest.mark.parametrize("accelerate_yaml", CONFIGS)
+def test_fsdp_matches_single_process(runs, tiny_model, accelerate_yaml):
+    out, single = runs(accelerate_yaml), runs("single")
+    assert train_losses(out) == pytest.approx(train_losses(single), rel=1e-5)
+    assert_adapters_close(out / "adapter", single / "adapter", rel=1e-5)
+    check_adapter(out, tiny_model)
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(REPO / "tests" / "fsdp_load_worker.py"), tiny_model]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = {int(m[0]): tuple(map(int, m[1:])) for m in
-             re.findall(r"RANK (\d) BASE_BYTES (\d+) META_PARAMS (\d+) REAL_BUFFERS (\d+)", proc.stdout)}
-    from safetensors.torch import load_file
+    info = json.loads((out / "run.json").read_text())
+    base = model_file_bytes(tiny_model)  # the frozen base, as read from the checkpoint
+    half = info["base_bytes_after_prepare"][0]
+    assert info["base_bytes_after_prepare"] == [half, half] and abs(2 * half - base) <= 0.01 * base
+    if accelerate_yaml == "fsdp.yaml":
+        # fsdp_cpu_ram_efficient_loading: rank 1 read nothing (meta) and got its shard from rank 0 at prepare.
+        assert info["base_bytes_after_load"] == [base, 0]
+    else:
+        # FSDP1's broadcast (sync_module_states) needs GPU tensors: on CPU both ranks read the weights.
+        assert info["base_bytes_after_load"] == [base, base]
 
-    base_bytes = sum(t.numel() * t.element_size() for t in load_file(os.path.join(tiny_model, "model.safetensors")).values())
-    (bytes0, meta0, buffers0), (bytes1, meta1, buffers1) = ranks[0], ranks[1]
-    assert bytes0 == base_bytes and meta0 == 0
-    assert bytes1 == 0 and meta1 > 0
-    assert buffers0 == buffers1 > 0
+
+@pytest.mark.parametrize("accelerate_yaml", CONFIGS)
+def test_fsdp_resume_is_exact(runs, tmp_path, tiny_model, train_jsonl, accelerate_yaml):
+    """2 steps, checkpoint (FSDPBackend's optimizer-state gather), new processes, resume (adapter load
+    into the sharded model, optimizer state scattered back), 2 steps: the same as 4 steps straight."""
+    straight = runs(accelerate_yaml)
+    out = tmp_path / "run"
+    config = base_config(tiny_model, train_jsonl, out, micro_batch_size=2, **STEPS)
+    first = run_worker(out, config, accelerate_yaml, "--stop-after", "2")
+    assert first["adapter_dir"] is None and os.path.isfile(os.path.join(first["last_checkpoint"], "COMPLETE"))
+    second = run_worker(out, config, accelerate_yaml, "--resume", first["last_checkpoint"])
+    assert second["last_checkpoint"] == first["last_checkpoint"]
+
+    assert [m["step"] for m in read_metrics(out)] == [3, 4]
+    assert train_losses(out) == train_losses(straight)[2:]  # bitwise: the same operations in the same order
+    a, b = load_adapter_tensors(out / "adapter"), load_adapter_tensors(straight / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("accelerate_yaml", CONFIGS)
+def test_qlora_under_fsdp(runs, tiny_model, accelerate_yaml):
+    """4-bit base (bnb_4bit_quant_storage = the compute dtype) sharded by FSDP: trains like one process."""
+    out, single = runs(accelerate_yaml, QLORA), runs("single", QLORA)
+    assert train_losses(out) == pytest.approx(train_losses(single), rel=1e-5)
+    assert_adapters_close(out / "adapter", single / "adapter", rel=1e-5)
+    check_adapter(out, tiny_model)
+    info = json.loads((out / "run.json").read_text())
+    loaded_4bit = info["base_bytes_after_load"][0]
+    assert loaded_4bit < 0.6 * model_file_bytes(tiny_model)  # quantized (embeddings and norms stay fp32)
+    assert info["base_bytes_after_prepare"] == [loaded_4bit // 2, loaded_4bit // 2]  # the 4-bit weights are sharded
