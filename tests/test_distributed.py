@@ -1,5 +1,6 @@
 """Real 2-rank runs on CPU (gloo), launched with `accelerate launch` as a user would:
-DDP and DeepSpeed ZeRO-3 (parameters partitioned down to every tensor) against a single process,
+DDP and DeepSpeed ZeRO-3 (parameters partitioned down to every tensor; with and without parameter +
+optimizer offload) against a single process,
 same seed, data and global batch (single: 4 x 2 accumulation; 2 ranks: 2 x 2 accumulation x 2)."""
 
 import json
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (assert_adapters_close, base_config, launch, load_adapter_tensors, train_in_process, train_losses,
-                      write_yaml)
+from conftest import (NEEDS_CPU_ADAM, assert_adapters_close, base_config, launch, load_adapter_tensors, train_in_process,
+                      train_losses, write_yaml)
 from qwenloop.adapter import verify_adapter
 
 pytestmark = pytest.mark.slow
@@ -16,40 +17,57 @@ pytestmark = pytest.mark.slow
 STEPS = dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=5e-3)
 
 
+LAUNCHES = {
+    "ddp": ("ddp_2cpu.yaml", {"ACCELERATE_USE_CPU": "true"}),
+    "zero3": ("zero3_2cpu.yaml", {"DS_ACCELERATOR": "cpu"}),
+    # parameters and optimizer offloaded to CPU RAM: accelerate swaps AdamW for DeepSpeedCPUAdam
+    "zero3_offload": ("zero3_offload_2cpu.yaml", {"DS_ACCELERATOR": "cpu"}),
+}
+OFFLOAD = pytest.param("zero3_offload", marks=NEEDS_CPU_ADAM)
+
+
+class Runs(dict):
+    """Output directories by run name; each run happens on first use, once per module."""
+
+    def __init__(self, root, tiny_model, train_jsonl):
+        super().__init__()
+        self.root, self.tiny_model, self.train_jsonl = root, tiny_model, train_jsonl
+
+    def __missing__(self, name):
+        out = self.root / name
+        if name == "single":
+            train_in_process(base_config(self.tiny_model, self.train_jsonl, out, micro_batch_size=4, **STEPS))
+        else:
+            yaml_name, env = LAUNCHES[name]
+            cfg = base_config(self.tiny_model, self.train_jsonl, out, micro_batch_size=2, **STEPS)
+            launch(yaml_name, write_yaml(self.root / f"{name}.yaml", cfg), env)
+        self[name] = out
+        return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, train_jsonl):
-    root = tmp_path_factory.mktemp("dist")
-    out = {}
-    train_in_process(base_config(tiny_model, train_jsonl, root / "single", micro_batch_size=4, **STEPS))
-    out["single"] = root / "single"
-    for name, yaml_name, env in [
-        ("ddp", "ddp_2cpu.yaml", {"ACCELERATE_USE_CPU": "true"}),
-        ("zero3", "zero3_2cpu.yaml", {"DS_ACCELERATOR": "cpu"}),
-    ]:
-        cfg = write_yaml(root / f"{name}.yaml", base_config(tiny_model, train_jsonl, root / name, micro_batch_size=2, **STEPS))
-        launch(yaml_name, cfg, env)
-        out[name] = root / name
-    return out
+    return Runs(tmp_path_factory.mktemp("dist"), tiny_model, train_jsonl)
 
 
 def run_info(path) -> dict:
     return json.loads((Path(path) / "run.json").read_text())
 
 
-@pytest.mark.parametrize("name, backend", [("ddp", "ddp"), ("zero3", "deepspeed")])
+@pytest.mark.parametrize("name, backend", [("ddp", "ddp"), ("zero3", "deepspeed"), pytest.param("zero3_offload", "deepspeed", marks=NEEDS_CPU_ADAM)])
 def test_two_ranks_really_ran(runs, name, backend):
     info = run_info(runs[name])
     assert info["world_size"] == 2 and info["backend"] == backend and info["steps"] == 4
 
 
-@pytest.mark.parametrize("name", ["ddp", "zero3"])
+@pytest.mark.parametrize("name", ["ddp", "zero3", OFFLOAD])
 def test_losses_match_single_process(runs, name):
     single, multi = train_losses(runs["single"]), train_losses(runs[name])
     assert len(multi) == 4
     assert multi == pytest.approx(single, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["ddp", "zero3"])
+@pytest.mark.parametrize("name", ["ddp", "zero3", OFFLOAD])
 def test_saved_adapter_is_complete_and_matches_single(runs, name, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -66,19 +84,21 @@ def test_saved_adapter_is_complete_and_matches_single(runs, name, tiny_model):
     assert any(t.abs().sum() > 0 for k, t in ours.items() if "lora_B" in k)  # trained, not the zero init
 
 
-def test_zero3_gathers_only_the_adapter(runs):
+@pytest.mark.parametrize("name", ["zero3", OFFLOAD])
+def test_zero3_gathers_only_the_adapter(runs, name):
     """Saving under ZeRO-3 moved exactly the adapter's bytes, not the base model's."""
-    info = run_info(runs["zero3"])
-    adapter_bytes = sum(t.numel() * t.element_size() for t in load_adapter_tensors(runs["zero3"] / "adapter").values())
+    info = run_info(runs[name])
+    adapter_bytes = sum(t.numel() * t.element_size() for t in load_adapter_tensors(runs[name] / "adapter").values())
     assert info["adapter_gather_bytes"] == adapter_bytes
 
 
-def test_zero3_loads_the_base_partitioned(runs):
+@pytest.mark.parametrize("name", ["zero3", OFFLOAD])
+def test_zero3_loads_the_base_partitioned(runs, name):
     """zero.Init: right after loading, each of the 2 ranks holds about half of the frozen base,
     where every DDP rank holds all of it. (Issue: a 70B model must never be materialised per rank.)"""
     whole = run_info(runs["single"])["base_bytes_per_rank"][0]
     assert run_info(runs["ddp"])["base_bytes_per_rank"] == [whole, whole]
-    per_rank = run_info(runs["zero3"])["base_bytes_per_rank"]
+    per_rank = run_info(runs[name])["base_bytes_per_rank"]
     assert len(per_rank) == 2
     for held in per_rank:
         assert abs(held - whole / 2) <= 0.02 * whole, (per_rank, whole)  # partitions pad to a multiple of 2

@@ -2,8 +2,8 @@
 
 Exact resume: 8 steps straight == 4 steps, stopped by SIGTERM (checkpoint written), resumed, 4 more:
 identical per-step metrics and bitwise-identical adapters (torch.equal), for a single process, 2-rank
-DDP and 2-rank DeepSpeed ZeRO-3. The stop falls mid-epoch (5 steps per epoch: the resumed part
-crosses into epoch 1), with gradient accumulation 3, a shuffled dataset and LoRA dropout on (the
+DDP and 2-rank DeepSpeed ZeRO-3 (with and without parameter + optimizer offload). The stop falls
+mid-epoch (5 steps per epoch: the resumed part crosses into epoch 1), with gradient accumulation 3, a shuffled dataset and LoRA dropout on (the
 restored RNG matters). A SIGKILL in the middle of writing a checkpoint resumes from the previous
 complete one. A NaN planted in one rank's loss is caught, skipped, counted and reported on 2 ranks.
 """
@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, _free_port, base_config, reset_accelerate_state, load_adapter_tensors, read_metrics, write_yaml
+from conftest import CONFIGS, NEEDS_CPU_ADAM, REPO, _free_port, base_config, reset_accelerate_state, load_adapter_tensors, read_metrics, write_yaml
 from qwenloop import TrainConfig, train
 from qwenloop import checkpoint as ckpt
 from qwenloop.errors import EXIT_NONFINITE, RunStopped
@@ -25,7 +25,8 @@ from qwenloop.errors import EXIT_NONFINITE, RunStopped
 # 64 examples: single 4 x 3 accumulation (16 micro-batches, 5 steps per epoch); 2 ranks 2 x 3 x 2 (the same).
 COMMON = dict(max_steps=8, gradient_accumulation_steps=3, learning_rate=5e-3, lora={"dropout": 0.1}, checkpoint_every_steps=3)
 COMPARED = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "skipped")
-LAUNCH = {"ddp": ("ddp_2cpu.yaml", {"ACCELERATE_USE_CPU": "true"}), "zero3": ("zero3_2cpu.yaml", {"DS_ACCELERATOR": "cpu"})}
+LAUNCH = {"ddp": ("ddp_2cpu.yaml", {"ACCELERATE_USE_CPU": "true"}), "zero3": ("zero3_2cpu.yaml", {"DS_ACCELERATOR": "cpu"}),
+          "zero3_offload": ("zero3_offload_2cpu.yaml", {"DS_ACCELERATOR": "cpu"})}
 
 
 def launch_rc(accelerate_yaml, train_yaml, env_extra, fault=None, timeout=600) -> subprocess.CompletedProcess:
@@ -120,7 +121,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(single
 # ---- 2 ranks: DDP and ZeRO-3 through accelerate launch -----------------------------------------
 
 
-@pytest.fixture(scope="module", params=["ddp", "zero3"])
+@pytest.fixture(scope="module", params=["ddp", "zero3", pytest.param("zero3_offload", marks=NEEDS_CPU_ADAM)])
 def two_ranks(request, tmp_path_factory, tiny_model, train_jsonl):
     name = request.param
     yaml_name, env = LAUNCH[name]
@@ -168,7 +169,7 @@ def test_two_ranks_checkpoint_holds_no_frozen_base(two_ranks, tiny_model):
         state = torch.load(f, weights_only=True)
         tensors = [state["fp32_flat_groups"], state["optimizer_state_dict"]["state"]] if "fp32_flat_groups" in state else [state["state"]]
         tensor_bytes += sum(t.numel() * t.element_size() for t in _tensors(tensors))
-    if two_ranks["name"] == "zero3":
+    if two_ranks["name"].startswith("zero3"):
         assert optimizer_files == ["zero-rank-00000.pt", "zero-rank-00001.pt"]
         assert tensor_bytes <= 3 * adapter_bytes + 1024  # fp32 master + 2 moments, partitioned over 2 ranks
     else:
