@@ -2,10 +2,11 @@
 # The GPU checks that cannot run on CPU, in one script (for a lent single-GPU machine):
 #   1. the CPU demo (`python examples/finetune.py`), here on the GPU;
 #   2. the same tiny-model training under every backend config on 1 GPU, fp16 and bf16, with and
-#      without 4-bit QLoRA: single_gpu.yaml, deepspeed_zero3.yaml, fsdp.yaml (FSDP2), fsdp1.yaml;
+#      without 4-bit QLoRA: single_gpu.yaml, deepspeed_zero3.yaml, fsdp.yaml (FSDP2), fsdp1.yaml; and the
+#      offload configs as shipped (deepspeed_zero3_offload.yaml fp16, fsdp_offload.yaml bf16);
 #   3. a side-by-side table of the per-step losses (bench/loss_table.py);
 #   4. checkpoint/resume on the GPU: 10 steps straight vs. 5 + SIGTERM + resume + 5 under fp16
-#      (GradScaler state), ZeRO-3 fp16 (DeepSpeed loss scaler) and FSDP2 bf16, compared bitwise
+#      (GradScaler state), ZeRO-3 fp16 (DeepSpeed loss scaler), FSDP2 and FSDP1 bf16, compared bitwise
 #      (bench/compare_runs.py); and a planted NaN loss under fp16 (skipped steps, loss scale in metrics).
 # Usage: bash bench/gpu_check.sh OUTDIR   (runs 4 trainings at a time; a tiny model shares one GPU fine)
 set -uo pipefail
@@ -60,6 +61,9 @@ for bits in 0 4; do
     jobs+=("fsdp1-$prec-q$bits accelerate_configs/fsdp1.yaml $prec $bits $((port++))")
   done
 done
+# The offload configs as shipped: ZeRO-3 fp16 with parameter + optimizer offload (the 8x V100 recipe), FSDP2 offload.
+jobs+=("zero3offload-fp16-q0 accelerate_configs/deepspeed_zero3_offload.yaml fp16 0 $((port++))")
+jobs+=("fsdp2offload-bf16-q0 accelerate_configs/fsdp_offload.yaml bf16 0 $((port++))")
 printf '%s\n' "${jobs[@]}" | xargs -P 4 -L 1 bash -c 'run_one "$@"' _ 2>&1 | tee -a "$LOG"
 python3 bench/loss_table.py "$WORK/runs" | tee "$OUT/loss_table.md"
 resume_check() {  # name yaml precision-args...
@@ -78,6 +82,7 @@ resume_check() {  # name yaml precision-args...
   resume_check single-fp16 accelerate_configs/single_gpu.yaml --mixed_precision fp16
   resume_check zero3-fp16 "$WORK/zero3_fp16.yaml"
   resume_check fsdp2-bf16 accelerate_configs/fsdp.yaml --mixed_precision bf16
+  resume_check fsdp1-bf16 accelerate_configs/fsdp1.yaml --mixed_precision bf16
   echo "== planted NaN loss at steps 3-4 under fp16 (single_gpu.yaml): metrics of steps 2-6"
   QWENLOOP_FAULT=nan_loss:0:3-4 timeout 300 python3 -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml \
     --num_processes 1 --mixed_precision fp16 --main_process_port 29704 -m qwenloop train examples/configs/demo.yaml \
