@@ -314,6 +314,22 @@ class FSDPBackend(Backend):
         super().__init__(accelerator)
         self.fsdp_version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
 
+    def configure(self, cfg) -> None:
+        plugin = self.accelerator.state.fsdp_plugin
+        if self.fsdp_version == 1 and not getattr(plugin, "use_orig_params", False):
+            # Without it FSDP1 replaces the parameters by FlatParameters at prepare: the optimizer,
+            # built on the LoRA parameters before, would step tensors the model no longer uses.
+            raise UserError(
+                "accelerate config: fsdp_use_orig_params is false under FSDP1; LoRA needs fsdp_use_orig_params: true "
+                "(frozen and trainable parameters in one model); set it in fsdp_config (see accelerate_configs/fsdp1.yaml)"
+            )
+        if getattr(plugin, "activation_checkpointing", False) and cfg.gradient_checkpointing:
+            raise UserError(
+                "accelerate config: fsdp_activation_checkpointing is true and the training config's gradient_checkpointing "
+                "too (every layer would be checkpointed twice); set fsdp_activation_checkpointing: false (qwenloop's "
+                "gradient_checkpointing does it) or gradient_checkpointing: false"
+            )
+
     def check_quantization(self, bits: int) -> None:
         if bits == 8:
             raise UserError(

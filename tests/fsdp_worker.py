@@ -115,6 +115,7 @@ def main() -> None:
     set_seed(cfg.seed)
     accelerator = StandInAccelerator(fsdp_plugin_from_launcher_env())
     backend = FSDPBackend(accelerator)
+    backend.configure(cfg)  # as train() does: the repo's yamls must pass its checks
     version = backend.fsdp_version
     tokenizer = load_tokenizer(cfg)
     data = build_dataset(cfg.train_file, tokenizer, cfg)

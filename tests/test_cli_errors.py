@@ -121,3 +121,26 @@ def test_deepspeed_json_that_contradicts_the_training_config():
     cfg = TrainConfig.from_dict({"model": "m", "train_file": "t", "gradient_accumulation_steps": 2})
     with pytest.raises(UserError, match='gradient_accumulation_steps is 4 but the training config says 2.*"auto"'):
         backend.configure(cfg)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(fsdp_version=1, use_orig_params=False), "fsdp_use_orig_params is false under FSDP1; LoRA needs fsdp_use_orig_params: true"),
+    (dict(fsdp_version=2, activation_checkpointing=True), "fsdp_activation_checkpointing is true and the training config's gradient_checkpointing"),
+])
+def test_fsdp_settings_that_break_lora_are_refused(settings, message):
+    """accelerate's own FSDP plugin with the setting at fault; the fixed setting passes."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from qwenloop.distributed import FSDPBackend
+
+    def backend(**kw):
+        plugin = FullyShardedDataParallelPlugin(**kw)
+        return FSDPBackend(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="bf16", num_processes=2))
+
+    cfg = TrainConfig.from_dict({"model": "m", "train_file": "t"})  # gradient_checkpointing: true by default
+    with pytest.raises(UserError, match=message):
+        backend(**settings).configure(cfg)
+    fixed = {**settings, **{k: not v for k, v in settings.items() if isinstance(v, bool)}}
+    backend(**fixed).configure(cfg)
