@@ -43,6 +43,7 @@ class TrainResult:
     world_size: int = 1
     adapter_gather_bytes: int = 0
     base_bytes_per_rank: list = field(default_factory=list)  # frozen-base bytes held by each rank after loading
+    local_rank_per_rank: list = field(default_factory=list)  # each rank's index on its machine
     resumed_from: str | None = None  # the checkpoint this run continued from
     last_checkpoint: str | None = None
     bad_steps: int = 0  # non-finite steps skipped by the sentinel
@@ -85,10 +86,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---- model, optimizer (trainable parameters only), schedule ----
     model = model_lib.load_model(cfg, backend)
-    # What each rank holds of the frozen base right after loading (ZeRO-3 loads partitioned).
-    base_bytes_per_rank = accelerator.gather(
-        torch.tensor([distributed.local_param_bytes(model, frozen_only=True)], device=accelerator.device)
-    ).tolist()
+    # What each rank holds of the frozen base right after loading (ZeRO-3 loads partitioned), and
+    # where each rank runs (its index on its machine: [0, 1] is one machine, [0, 0] two).
+    base_bytes_per_rank, local_rank_per_rank = accelerator.gather(torch.tensor(
+        [[distributed.local_param_bytes(model, frozen_only=True), accelerator.local_process_index]], device=accelerator.device
+    )).T.tolist()
     trainable = [p for p in model.parameters() if p.requires_grad]
     logger.info(
         "trainable parameters: %d (%.3f%% of %d)",
@@ -217,6 +219,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         world_size=accelerator.num_processes,
         adapter_gather_bytes=backend.last_gather_bytes,
         base_bytes_per_rank=base_bytes_per_rank,
+        local_rank_per_rank=local_rank_per_rank,
         resumed_from=resume_dir,
         last_checkpoint=checkpoints.last,
         bad_steps=sentinel.total,

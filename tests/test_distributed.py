@@ -58,6 +58,7 @@ def run_info(path) -> dict:
 def test_two_ranks_really_ran(runs, name, backend):
     info = run_info(runs[name])
     assert info["world_size"] == 2 and info["backend"] == backend and info["steps"] == 4
+    assert info["local_rank_per_rank"] == [0, 1]  # both on this machine
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero3", OFFLOAD])

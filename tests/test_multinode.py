@@ -1,0 +1,75 @@
+"""Two "machines" on one host: examples/slurm_multinode.sh with accelerate_configs/multinode_deepspeed_zero3.yaml,
+as `sbatch` would run it, with stand-ins for SLURM's `srun` (one launcher per node, SLURM_NODEID set) and
+`scontrol` (the node list), one process per node, DeepSpeed on its CPU accelerator (gloo).
+
+What it shows: the script's arguments, the multi-node yaml (machine rank, rendezvous at the main node,
+the standard multinode launcher) and qwenloop across machines (each rank is local rank 0 of its own
+machine) train the same model a single process does; bf16 comes from the yaml's DeepSpeed JSON.
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, _free_port, base_config, read_metrics, train_in_process, train_losses, write_yaml
+from qwenloop.adapter import verify_adapter
+
+pytestmark = pytest.mark.slow
+
+STEPS = dict(max_steps=3, gradient_accumulation_steps=2, learning_rate=5e-3)
+
+SRUN = """#!/usr/bin/env bash
+# SLURM's srun on one host: the command once per node, concurrently, with SLURM_NODEID set.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+exit $rc
+"""
+SCONTROL = """#!/usr/bin/env bash
+echo localhost
+"""
+
+
+def write_executable(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_slurm_script_two_nodes_trains_like_one_process(tmp_path, tiny_model, train_jsonl):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    write_executable(stubs / "srun", SRUN)
+    write_executable(stubs / "scontrol", SCONTROL)
+    out = tmp_path / "run"
+    # max_steps 5 in the file, 3 from the command line: the script passes overrides on.
+    cfg = write_yaml(tmp_path / "train.yaml", base_config(tiny_model, train_jsonl, out, micro_batch_size=2, **{**STEPS, "max_steps": 5}))
+    env = {**os.environ, "PATH": f"{stubs}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_NODELIST": "localhost",
+           "MAIN_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(["bash", "examples/slurm_multinode.sh", "accelerate_configs/multinode_deepspeed_zero3.yaml",
+                           str(cfg), "--max_steps", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+    info = json.loads((out / "run.json").read_text())
+    assert info["backend"] == "deepspeed" and info["precision"] == "bf16"
+    assert info["world_size"] == 2 and info["local_rank_per_rank"] == [0, 0]  # two machines, one rank each
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [1, 2, 3]
+
+    single = tmp_path / "single"
+    train_in_process(base_config(tiny_model, train_jsonl, single, micro_batch_size=4, **STEPS))
+    # bf16 against fp32: the bound of tests/test_parity_bf16.py.
+    assert train_losses(out) == pytest.approx(train_losses(single), rel=5e-3)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qwenloop.model import expected_adapter_shapes
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out / "adapter"))
+    verify_adapter(str(out / "adapter"), expected_adapter_shapes(loaded))
