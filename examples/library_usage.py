@@ -8,6 +8,7 @@ per-step losses, the adapter directory and the trained (unwrapped) PEFT model.
 """
 
 from qwenloop import LoraSettings, TrainConfig, train
+from qwenloop.cli import exit_process
 from qwenloop.tiny import ensure_tiny_model
 
 
@@ -33,3 +34,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # a plain exit can abort a multi-process CPU (gloo) run: README, "Multi-process runs on CPU"
