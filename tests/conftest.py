@@ -153,6 +153,24 @@ def load_adapter_tensors(adapter_dir) -> dict:
     return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def assert_adapter_loads_whole(adapter_dir, model_dir):
+    """PEFT loads the adapter, and every tensor has the full shape the model config implies (not a
+    rank's shard, not empty). Returns the loaded PeftModel."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qwenloop.adapter import verify_adapter
+    from qwenloop.model import expected_adapter_shapes
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter_dir))
+    verify_adapter(str(adapter_dir), expected_adapter_shapes(loaded))
+    return loaded
+
+
 def run_cli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "qwenloop", *map(str, args)], cwd=cwd or REPO, env=env,

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (NEEDS_CPU_ADAM, assert_adapters_close, base_config, launch, load_adapter_tensors, train_in_process,
-                      train_losses, write_yaml)
-from qwenloop.adapter import verify_adapter
+from conftest import (NEEDS_CPU_ADAM, assert_adapter_loads_whole, assert_adapters_close, base_config, launch,
+                      load_adapter_tensors, tensor_bytes, train_in_process, train_losses, write_yaml)
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +69,11 @@ def test_losses_match_single_process(runs, name):
 
 @pytest.mark.parametrize("name", ["ddp", "zero3", OFFLOAD])
 def test_saved_adapter_is_complete_and_matches_single(runs, name, tiny_model):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    adapter = runs[name] / "adapter"
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(adapter))
     from qwenloop.model import expected_adapter_shapes
 
-    expected = expected_adapter_shapes(loaded)
-    assert len(expected) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
-    verify_adapter(str(adapter), expected)  # every tensor present, non-empty, full shape
+    adapter = runs[name] / "adapter"
+    loaded = assert_adapter_loads_whole(adapter, tiny_model)  # every tensor present, non-empty, full shape
+    assert len(expected_adapter_shapes(loaded)) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
     assert_adapters_close(adapter, runs["single"] / "adapter", rel=1e-5)
     ours = load_adapter_tensors(adapter)
     assert any(t.abs().sum() > 0 for k, t in ours.items() if "lora_B" in k)  # trained, not the zero init
@@ -89,8 +83,7 @@ def test_saved_adapter_is_complete_and_matches_single(runs, name, tiny_model):
 def test_zero3_gathers_only_the_adapter(runs, name):
     """Saving under ZeRO-3 moved exactly the adapter's bytes, not the base model's."""
     info = run_info(runs[name])
-    adapter_bytes = sum(t.numel() * t.element_size() for t in load_adapter_tensors(runs[name] / "adapter").values())
-    assert info["adapter_gather_bytes"] == adapter_bytes
+    assert info["adapter_gather_bytes"] == tensor_bytes(load_adapter_tensors(runs[name] / "adapter").values())
 
 
 @pytest.mark.parametrize("name", ["zero3", OFFLOAD])

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, _free_port, base_config, read_metrics, train_in_process, train_losses, write_yaml
-from qwenloop.adapter import verify_adapter
+from conftest import (REPO, _free_port, assert_adapter_loads_whole, base_config, read_metrics, train_in_process, train_losses,
+                      write_yaml)
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +65,4 @@ def test_slurm_script_two_nodes_trains_like_one_process(tmp_path, tiny_model, tr
     train_in_process(base_config(tiny_model, train_jsonl, single, micro_batch_size=4, **STEPS))
     # bf16 against fp32: the bound of tests/test_parity_bf16.py.
     assert train_losses(out) == pytest.approx(train_losses(single), rel=5e-3)
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from qwenloop.model import expected_adapter_shapes
-
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out / "adapter"))
-    verify_adapter(str(out / "adapter"), expected_adapter_shapes(loaded))
+    assert_adapter_loads_whole(out / "adapter", tiny_model)

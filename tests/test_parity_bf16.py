@@ -15,7 +15,7 @@ fp32 comparison lives in test_distributed.py.
 
 import pytest
 
-from conftest import assert_adapters_close, base_config, launch, train_losses, write_yaml
+from conftest import assert_adapter_loads_whole, assert_adapters_close, base_config, launch, train_losses, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -60,11 +60,6 @@ def test_qlora_under_zero3(tmp_path, tiny_model, train_jsonl):
     import math
 
     pytest.importorskip("bitsandbytes")
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from qwenloop.adapter import verify_adapter
-    from qwenloop.model import expected_adapter_shapes
 
     cfg = write_yaml(tmp_path / "q.yaml", base_config(tiny_model, train_jsonl, tmp_path / "out", micro_batch_size=2,
                                                        quantization={"bits": 4}, **STEPS))
@@ -72,5 +67,4 @@ def test_qlora_under_zero3(tmp_path, tiny_model, train_jsonl):
     info = json.loads((tmp_path / "out" / "run.json").read_text())
     assert info["backend"] == "deepspeed" and info["world_size"] == 2 and info["precision"] == "bf16"
     assert all(math.isfinite(loss) for loss in info["losses"]) and len(info["losses"]) == 4
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "out" / "adapter"))
-    verify_adapter(str(tmp_path / "out" / "adapter"), expected_adapter_shapes(loaded))
+    assert_adapter_loads_whole(tmp_path / "out" / "adapter", tiny_model)

@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, NEEDS_CPU_ADAM, REPO, _free_port, base_config, reset_accelerate_state, load_adapter_tensors, read_metrics, write_yaml
+from conftest import (CONFIGS, NEEDS_CPU_ADAM, REPO, _free_port, base_config, load_adapter_tensors, read_metrics,
+                      reset_accelerate_state, tensor_bytes, write_yaml)
 from qwenloop import TrainConfig, train
 from qwenloop import checkpoint as ckpt
 from qwenloop.errors import EXIT_NONFINITE, RunStopped
@@ -159,22 +160,22 @@ def test_two_ranks_checkpoint_holds_no_frozen_base(two_ranks, tiny_model):
     from safetensors.torch import load_file
 
     path = two_ranks["root"] / "stopped" / ckpt.CHECKPOINTS / "step-0000004"
-    adapter_bytes = sum(t.numel() * t.element_size() for t in load_adapter_tensors(path / "adapter").values())
+    adapter_bytes = tensor_bytes(load_adapter_tensors(path / "adapter").values())
     model = load_file(os.path.join(tiny_model, "model.safetensors"))
-    model_bytes = sum(t.numel() * t.element_size() for t in model.values())
+    model_bytes = tensor_bytes(model.values())
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     optimizer_files = sorted(p.name for p in (path / "optimizer").iterdir())
-    tensor_bytes = 0
+    optimizer_bytes = 0
     for f in (path / "optimizer").iterdir():
         state = torch.load(f, weights_only=True)
         tensors = [state["fp32_flat_groups"], state["optimizer_state_dict"]["state"]] if "fp32_flat_groups" in state else [state["state"]]
-        tensor_bytes += sum(t.numel() * t.element_size() for t in _tensors(tensors))
+        optimizer_bytes += tensor_bytes(_tensors(tensors))
     if two_ranks["name"].startswith("zero3"):
         assert optimizer_files == ["zero-rank-00000.pt", "zero-rank-00001.pt"]
-        assert tensor_bytes <= 3 * adapter_bytes + 1024  # fp32 master + 2 moments, partitioned over 2 ranks
+        assert optimizer_bytes <= 3 * adapter_bytes + 1024  # fp32 master + 2 moments, partitioned over 2 ranks
     else:
         assert optimizer_files == ["optimizer.pt"]
-        assert tensor_bytes <= 2 * adapter_bytes + 1024
+        assert optimizer_bytes <= 2 * adapter_bytes + 1024
     print(f"\n{two_ranks['name']}: checkpoint {size} B, adapter {adapter_bytes} B, model {model_bytes} B")
     assert size < 4 * adapter_bytes + 96 * 1024
     assert size < model_bytes / 2
