@@ -241,7 +241,8 @@ class TrainerState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed by each process
     sampler_seed: int = 0
-    tokens_seen: int = 0
+    tokens_seen: int = 0  # non-padding tokens trained on, all ranks
+    target_tokens_seen: int = 0  # target (loss) tokens trained on, all ranks
     sentinel: dict = field(default_factory=dict)
     identity: dict = field(default_factory=dict)  # what must match for an exact continuation
 
@@ -261,6 +262,8 @@ def run_identity(cfg, world_size: int, train_data) -> dict:
         "micro_batch_size": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "seed": cfg.seed,
+        "packing": cfg.packing,
+        "group_by_length": cfg.group_by_length,
         "train_examples": len(train_data.dataset),
         "train_target_tokens": int(train_data.target_tokens),
     }

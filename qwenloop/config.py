@@ -69,6 +69,10 @@ class TrainConfig:
     """Recompute activations in the backward pass (needed for long sequences on big models)."""
     gradient_checkpointing_reentrant: bool = False
     """Use torch's reentrant checkpointing (older behaviour); non-reentrant is the default and safer."""
+    lm_head_targets_only: bool = True
+    """Run the LM head and the fp32 cross-entropy only on positions whose next token is a target, in
+    chunks, never building the full [tokens x vocab] logits or their gradient (`qwenloop/loss.py`).
+    Off: full logits, reduced in chunks (kept for comparison and for LoRA on `lm_head`)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA adapter settings."""
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
@@ -91,6 +95,13 @@ class TrainConfig:
     """Longest tokenized example, in tokens."""
     truncation: Literal["truncate", "drop"] = "truncate"
     """What to do with longer examples: cut them to `max_seq_len`, or leave them out. Both are counted in the log."""
+    packing: bool = False
+    """Pack several examples into each row of up to `max_seq_len` tokens (best-fit decreasing), with
+    positions restarting per example and attention that cannot cross an example boundary; removes
+    padding. `micro_batch_size` then counts rows."""
+    group_by_length: bool = False
+    """Without packing: put examples of similar length in the same micro-batch (less padding); the
+    batches are still shuffled, by `seed` and epoch."""
 
     # --- schedule ----------------------------------------------------------------------------
     num_epochs: int = 1
@@ -131,6 +142,9 @@ class TrainConfig:
     """Accelerate trackers to log to as well, e.g. [tensorboard]."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOPS of one accelerator in the run's precision, for the `mfu` metric; when null it is
+    looked up from the GPU's name (`qwenloop/flops.py`), and no MFU is reported on a CPU."""
 
     # --- checkpoints, resume, failures --------------------------------------------------------
     checkpoint_every_steps: int = 0
@@ -210,6 +224,10 @@ class TrainConfig:
             raise bad("lora.dropout", f"must be in [0, 1), got {self.lora.dropout}")
         if not self.lora.target_modules:
             raise bad("lora.target_modules", f"must name at least one module, e.g. {QWEN_LORA_TARGETS}")
+        if self.packing and self.group_by_length:
+            raise bad("group_by_length", "has nothing to group when packing is on (packed rows have no padding); set one of them to false")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise bad("peak_tflops", f"must be > 0 (or null to look it up), got {self.peak_tflops}")
         if self.resume_from is not None and not str(self.resume_from).strip():
             raise bad("resume_from", "is empty; use auto, a checkpoint directory, or null")
         for name in self.report_to:

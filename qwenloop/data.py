@@ -305,6 +305,41 @@ def build_dataset(path: str, tokenizer, cfg) -> TokenizedData:
     return TokenizedData(tokenized, truncated=too_long if policy == "truncate" else 0, dropped=dropped)
 
 
+def finish_batch(input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: int, example_lengths: list[int] | None = None,
+                 **inputs: torch.Tensor) -> dict:
+    """The batch the loop consumes: model inputs, labels, where the targets are, and counts.
+
+    ``target_index`` holds the flat positions (``row * width + col``) of the hidden states whose *next*
+    token is a target, and ``target_labels`` those next tokens: the LM head and the loss run on these
+    rows only (``loss.TargetLossHead``). They are computed here, on the CPU, while the batch is built,
+    so that the training step never asks the GPU which positions are targets (a host synchronisation).
+    ``num_targets``, ``num_tokens`` (non-padding) and ``num_positions`` are plain ints for the same
+    reason: accelerate moves tensors to the device and leaves ints alone. ``attention_pairs`` (causal
+    query-key pairs, ``l*(l+1)/2`` per example of length ``l``) feeds the FLOPs count of ``flops.py``.
+    """
+    if example_lengths is None:
+        example_lengths = [labels.shape[1]] * labels.shape[0]
+    rows, width = labels.shape
+    next_is_target = torch.zeros_like(labels, dtype=torch.bool)
+    next_is_target[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    target_index = next_is_target.reshape(-1).nonzero().squeeze(1)
+    target_labels = labels[:, 1:].reshape(-1)[(next_is_target[:, :-1]).reshape(-1)] if width > 1 else labels.new_zeros(0)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        **inputs,
+        "target_index": target_index,
+        "target_labels": target_labels,
+        "num_targets": int(target_index.numel()),
+        "num_tokens": int(num_tokens),
+        "num_positions": rows * width,
+        "attention_pairs": sum(n * (n + 1) // 2 for n in example_lengths),
+    }
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # what of a batch goes into model(...)
+
+
 @dataclass
 class PaddingCollator:
     """Pads a list of examples to the longest one (rounded up to ``pad_to_multiple_of``)."""
@@ -312,7 +347,7 @@ class PaddingCollator:
     pad_token_id: int
     pad_to_multiple_of: int = 8
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict]) -> dict:
         longest = max(len(e["input_ids"]) for e in examples)
         m = self.pad_to_multiple_of
         width = (longest + m - 1) // m * m if m > 1 else longest
@@ -324,7 +359,8 @@ class PaddingCollator:
             input_ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
             labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        lengths = [len(e["input_ids"]) for e in examples]
+        return finish_batch(input_ids, labels, sum(lengths), lengths, attention_mask=attention_mask)
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

@@ -107,12 +107,21 @@ class Backend:
         """Last adjustments to the backend's plan for this model, just before ``accelerator.prepare``."""
 
     # --- during training ---------------------------------------------------------------------
-    def clip_grad_norm(self, model, max_norm: float) -> float | None:
-        """Clip (when ``max_norm`` > 0) and return the global gradient norm before clipping."""
-        # All parameters, not only the trainable ones: accelerate recognises the prepared FSDP model by
-        # its full parameter list (and unscales fp16 gradients twice otherwise); frozen ones have no grad.
-        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-        return None if norm is None else float(norm)
+    def clip_grad_norm(self, model, max_norm: float):
+        """Clip (when ``max_norm`` > 0) and return the global gradient norm before clipping, as a device
+        tensor (reading it back is the caller's one synchronisation of the step).
+
+        A non-finite norm leaves the gradients as they are: the step is skipped anyway, and the
+        sentinel can then name the parameters whose gradient is non-finite (clipping by a NaN norm
+        would have made every gradient NaN)."""
+        self.accelerator.unscale_gradients()  # fp16: the GradScaler's unscale (and inf check); else nothing
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return None
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.where(torch.isfinite(norm), norm, 0.0))
+        return norm
 
     # --- saving ------------------------------------------------------------------------------
     def adapter_state_dict(self, model) -> dict[str, torch.Tensor]:
@@ -223,8 +232,7 @@ class DeepSpeedBackend(Backend):
     def clip_grad_norm(self, model, max_norm: float) -> float | None:
         # The engine clips (gradient_clipping, set from max_grad_norm in `configure`) inside its step,
         # which accelerate runs at the accumulation boundary of `backward`; the norm is ready here.
-        norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
-        return None if norm is None else float(norm)
+        return model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
 
     def adapter_state_dict(self, model) -> dict[str, torch.Tensor]:
         unwrapped = self.accelerator.unwrap_model(model)
@@ -361,6 +369,13 @@ class FSDPBackend(Backend):
         # that only they are upcast: the (possibly 4-bit) base stays as loaded. Decoder layers are the
         # other units (the model's _no_split_modules).
         self.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+    def clip_grad_norm(self, model, max_norm: float):
+        # accelerate's FSDP clip: FSDP1's own clip_grad_norm_ (sharded flat gradients), FSDP2's
+        # DTensor-aware norm. All parameters, not only the trainable ones: accelerate recognises the
+        # prepared model by its full parameter list (and unscales fp16 gradients twice otherwise).
+        # A NaN norm spreads NaN to every gradient here, so the sentinel's names are then unreliable.
+        return self.accelerator.clip_grad_norm_(list(model.parameters()), max_norm if max_norm > 0 else float("inf"))
 
     def adapter_state_dict(self, model) -> dict[str, torch.Tensor]:
         return gather_fsdp_adapter(model, self)

@@ -16,6 +16,7 @@ import torch
 from .data import ensure_chat_template
 from .distributed import strip_wrapper_prefixes
 from .errors import UserError
+from .loss import install_target_loss_head
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def _finish(model, cfg, quantized: bool):
             # Trainable weights in fp32: fp16 AMP cannot unscale fp16 gradients, and Adam updates of
             # ~1e-4 relative size vanish in bf16 rounding.
             param.data = param.data.float()
+    if cfg.lm_head_targets_only:
+        install_target_loss_head(model)  # before prepare: backends hook the head like any module
     return model
 
 

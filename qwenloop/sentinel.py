@@ -1,14 +1,15 @@
 """The NaN / overflow sentinel: a non-finite loss or gradient norm on any rank skips the step on
 every rank; ``max_bad_steps`` consecutive bad steps stop the run with a report.
 
-Per optimizer step (at the accumulation boundary):
+Per optimizer step (at the accumulation boundary), after the clip has computed the global gradient
+norm:
 
-1. ``nonfinite_grads(model)``: before clipping (which spreads one NaN to every gradient), the names of
-   the first trainable parameters whose gradient is non-finite on this rank (where the backend lets
-   gradients be read; DeepSpeed keeps them partitioned inside its engine).
-2. ``agree(loss_sum, grad_norm, names)``: one all-gather of two flags per rank; every rank gets the
-   same answer, and the names of the ranks whose loss was non-finite.
-3. ``record(step, finite, loss_scale)`` after the step: counters, the fp16 loss-scale history.
+1. ``agree(step, loss_sum, grad_norm, model)``: one all-gather of two flags per rank (loss finite,
+   norm finite); every rank gets the same answer. Only when a flag is set does it look at the
+   gradients themselves, for the names of the first non-finite ones (where the backend lets them be
+   read; DeepSpeed keeps them partitioned inside its engine): the clip's norm already tells whether
+   any gradient is non-finite, so a healthy step pays for nothing but the flags.
+2. ``record(step, finite, loss_scale)`` after the step: counters, the fp16 loss-scale history.
 
 Under fp16 the GradScaler (or DeepSpeed's loss scaler) skips overflowing steps itself and lowers the
 scale; those steps are counted here as well, so a collapsing scale stops the run too.
@@ -17,7 +18,6 @@ scale; those steps are counted here as well, so a collapsing scale stops the run
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import deque
 
@@ -36,27 +36,26 @@ class NonFiniteSentinel:
         self.total = int(saved.get("total", 0))
         self.scale_history = deque((tuple(x) for x in saved.get("scale_history", [])), maxlen=self.HISTORY)
         self.last_bad: dict | None = None
-        self._names: list[str] | None = []
 
     def state(self) -> dict:
         return {"consecutive": self.consecutive, "total": self.total, "scale_history": [list(x) for x in self.scale_history]}
 
-    def nonfinite_grads(self, model) -> None:
-        self._names = self.backend.nonfinite_grad_names(model)
-
-    def agree(self, step: int, loss_sum: float, grad_norm: float | None) -> bool:
-        """True when the step is finite on every rank. Collective."""
+    def agree(self, step: int, loss_sum, grad_norm, model) -> bool:
+        """True when the step is finite on every rank. Collective. ``loss_sum`` and ``grad_norm`` may be
+        device tensors: they are read back here, once, with the flags."""
         acc = self.accelerator
-        mine = torch.tensor([[0.0 if math.isfinite(loss_sum) else 1.0,
-                              0.0 if grad_norm is None or math.isfinite(grad_norm) else 1.0]], device=acc.device)
+        loss_sum = torch.as_tensor(loss_sum, dtype=torch.float32).to(acc.device).reshape(())
+        norm = torch.zeros((), device=acc.device) if grad_norm is None else torch.as_tensor(grad_norm).to(acc.device).float().reshape(())
+        mine = torch.stack([~torch.isfinite(loss_sum), ~torch.isfinite(norm)]).float().reshape(1, 2)
         flags = acc.gather(mine).reshape(-1, 2).cpu()
         if not bool(flags.any()):
             return True
         self.last_bad = {
             "step": step,
             "ranks_with_nonfinite_loss": [r for r in range(flags.shape[0]) if flags[r, 0] > 0],
-            "grad_norm": grad_norm,
-            "nonfinite_gradients": self._names,  # rank 0's view (gradients are all-reduced)
+            "grad_norm": None if grad_norm is None else float(norm),
+            # rank 0's view (gradients are all-reduced); the clip left non-finite gradients untouched
+            "nonfinite_gradients": self.backend.nonfinite_grad_names(model),
         }
         return False
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,8 @@ from . import distributed, model as model_lib
 from .adapter import save_adapter
 from .config import TrainConfig
 from .errors import RunStopped, UserError
-from .loss import count_targets, token_loss_sum
+from .loss import batch_loss_sum, find_target_loss_head
+from .metrics import COUNTED, StepMeter, peak_memory
 from .sentinel import NonFiniteSentinel
 
 logger = logging.getLogger("qwenloop")
@@ -141,8 +141,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- the loop ----
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     progress = _progress_bar(accelerator, total_steps, initial=state.step)
+    head = find_target_loss_head(model)  # None: the loss is computed from the full logits
+    meter = StepMeter(accelerator, accelerator.unwrap_model(model), cfg, backend.mixed_precision, state)
     losses: list[float] = []
-    started, tokens_at_start = time.perf_counter(), state.tokens_seen
     model.train()
     with checkpoint.StopSignals() as signals, progress:  # the bar is closed however the loop ends
         try:
@@ -152,9 +153,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 for _ in range(state.batches_in_epoch // gas, steps_per_epoch):
                     if state.step >= total_steps:
                         break
+                    meter.start_step()
                     window = [next(batches) for _ in range(gas)]
-                    loss, grad_norm, finite = _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, cfg, state.step + 1)
-                    skipped = not finite or accelerator.optimizer_step_was_skipped
+                    meter.data_done()
+                    step_out = _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, head, cfg, state.step + 1, meter)
+                    skipped = not step_out.finite or accelerator.optimizer_step_was_skipped
                     lr = scheduler.get_last_lr()[0]  # the rate this step used
                     if not skipped:
                         scheduler.step()
@@ -163,16 +166,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                     sentinel.record(state.step, not skipped, backend.loss_scale(model))
 
                     step = state.step
-                    state.tokens_seen += _count_tokens(window, accelerator)
-                    losses.append(loss)
+                    losses.append(step_out.loss)
                     record = {
                         "step": step,
                         "epoch": epoch,
-                        "loss": loss,
+                        "loss": step_out.loss,
                         "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens": state.tokens_seen,
-                        "tokens_per_s": (state.tokens_seen - tokens_at_start) / (time.perf_counter() - started),
+                        "grad_norm": step_out.grad_norm,
+                        **meter.end_step(step_out.counts),  # tokens, throughput, padding, time split, memory, MFU
                         "skipped": bool(skipped),
                         "bad_steps": sentinel.total,
                     }
@@ -180,11 +181,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                     if loss_scale is not None:  # fp16: the scale, next to `skipped` and `bad_steps`
                         record["loss_scale"] = loss_scale
                     if cfg.eval_every_steps and eval_loader is not None and step % cfg.eval_every_steps == 0 and step < total_steps:
-                        record.update(evaluate(model, eval_loader, accelerator))
+                        record.update(evaluate(model, eval_loader, accelerator, head))
                         model.train()
                     if step % cfg.log_every_steps == 0 or step == total_steps or "eval_loss" in record or skipped:
                         _log_metrics(accelerator, metrics_path, record)
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.set_postfix(
+                        loss=f"{step_out.loss:.4f}", lr=f"{lr:.2e}", tgt_tok_s=f"{record['target_tokens_per_s']:.0f}",
+                        **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
+                    )
                     progress.update(1)
 
                     # ---- failures, checkpoints, preemption (every rank decides the same) ----
@@ -202,7 +206,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     eval_metrics = {}
     if eval_loader is not None:
-        eval_metrics = evaluate(model, eval_loader, accelerator)
+        eval_metrics = evaluate(model, eval_loader, accelerator, head)
         _log_metrics(accelerator, metrics_path, {"step": state.step, **eval_metrics})
 
     # ---- the adapter (gathered by every rank, written and verified by the main process) ----
@@ -225,65 +229,87 @@ def train(cfg: TrainConfig) -> TrainResult:
         bad_steps=sentinel.total,
         model=accelerator.unwrap_model(model),
     )
+    memory = peak_memory(accelerator)  # collective: every rank's peak
     if accelerator.is_main_process:
         summary = {k: v for k, v in result.__dict__.items() if k != "model"}
         summary["precision"] = backend.mixed_precision
+        summary.update(meter.summary())  # train seconds, tokens and target tokens seen, throughput, padding, MFU
+        summary["peak_memory_per_rank"] = memory
         with open(os.path.join(cfg.output_dir, "run.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
     _end(accelerator)
     return result
 
 
-def _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, cfg, step: int):
+@dataclass
+class StepOutcome:
+    loss: float  # summed token losses / target tokens, over every micro-batch and rank of the step
+    grad_norm: float | None
+    finite: bool  # the same on every rank
+    counts: list[float]  # COUNTED over every rank: target tokens, tokens, positions, attention pairs
+
+
+def _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, head, cfg, step: int, meter) -> StepOutcome:
     """Forward/backward over the ``gas`` micro-batches of one window, clip, and step unless the
-    sentinel found the step non-finite on any rank. Returns (loss, grad norm, finite)."""
+    sentinel found the step non-finite on any rank.
+
+    Nothing here reads a device value back per micro-batch (a GPU would idle while the host waits):
+    the counts come from the collator as ints, the loss is summed on the device, and the host
+    learns the step's numbers once, at its end."""
     # Normalise by the target tokens of the whole optimizer step, over every micro-batch and every
     # rank: each target token weighs the same, however the batch was split.
-    local_targets = sum(count_targets(b) for b in window)
-    step_targets = accelerator.reduce(torch.tensor(local_targets, device=accelerator.device), "sum").item()
+    local_counts = [float(sum(b[k] for b in window)) for k in COUNTED]
+    counts = accelerator.reduce(torch.tensor(local_counts, dtype=torch.float64, device=accelerator.device), "sum")
     # accelerate divides each micro-batch loss by `gas` and DDP/ZeRO/FSDP average gradients over
     # ranks; multiplying by both leaves sum(token losses) / step_targets.
-    loss_scale = len(window) * accelerator.num_processes / step_targets
-    step_loss_sum, grad_norm, finite = 0.0, None, True
+    loss_scale = (len(window) * accelerator.num_processes / counts[0].clamp(min=1)).float()
+    step_loss_sum = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+    grad_norm, finite = None, True
     for batch in window:
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            batch_loss_sum = token_loss_sum(logits, batch["labels"])
-            batch_loss_sum = checkpoint.poison_loss(batch_loss_sum, accelerator.process_index, step)  # test-only hook
-            accelerator.backward(batch_loss_sum * loss_scale)
-            step_loss_sum += batch_loss_sum.detach().float().item()
+                loss_sum = batch_loss_sum(model, batch, head)
+            loss_sum = checkpoint.poison_loss(loss_sum, accelerator.process_index, step)  # test-only hook
+            accelerator.backward(loss_sum * loss_scale)
+            step_loss_sum += loss_sum.detach().float()
             if accelerator.sync_gradients:
-                sentinel.nonfinite_grads(model)  # looked at before clipping spreads one NaN to every gradient
+                meter.forward_backward_done()
                 grad_norm = backend.clip_grad_norm(model, cfg.max_grad_norm)
-                finite = sentinel.agree(step, step_loss_sum, grad_norm)  # the same answer on every rank
+                finite = sentinel.agree(step, step_loss_sum, grad_norm, model)  # the same answer on every rank
                 backend.optimizer_step(model, optimizer, finite)
             optimizer.zero_grad(set_to_none=True)
-    loss = accelerator.reduce(torch.tensor(step_loss_sum, device=accelerator.device), "sum").item() / step_targets
-    return loss, grad_norm, finite
+    step_loss = accelerator.reduce(step_loss_sum.double(), "sum").reshape(1)
+    numbers = torch.cat([step_loss, counts, _as_tensor(grad_norm, step_loss)]).tolist()  # the step's one read-back
+    meter.optimizer_done()
+    return StepOutcome(
+        loss=numbers[0] / max(numbers[1], 1.0),
+        grad_norm=numbers[5] if grad_norm is not None else None,
+        finite=finite,
+        counts=numbers[1:5],
+    )
+
+
+def _as_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    if value is None:
+        return like.new_zeros(1)
+    return torch.as_tensor(value, dtype=like.dtype).to(like.device).reshape(1)
 
 
 @torch.no_grad()
-def evaluate(model, eval_loader, accelerator) -> dict[str, float]:
+def evaluate(model, eval_loader, accelerator, head=None) -> dict[str, float]:
     """Token-weighted loss over the whole eval set, on all ranks, and its perplexity."""
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    targets = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    targets = 0
     for batch in eval_loader:
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += token_loss_sum(logits, batch["labels"]).double()
-        targets += count_targets(batch)
+            loss_sum += batch_loss_sum(model, batch, head).double()
+        targets += batch["num_targets"]
     # even_batches pads the last batches with repeated examples on some ranks; their few duplicated
     # tokens are a negligible bias for an eval loss.
-    loss = (accelerator.reduce(loss_sum, "sum") / accelerator.reduce(targets, "sum").clamp(min=1)).item()
+    totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(targets), dtype=torch.float64, device=loss_sum.device)]), "sum")
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def _count_tokens(window, accelerator) -> int:
-    """Non-padding tokens of one optimizer step, over all ranks (for tokens/s)."""
-    local = sum(int(b["attention_mask"].sum()) for b in window)
-    return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item())
 
 
 def _make_scheduler(kind: str, optimizer, warmup: int, total: int):

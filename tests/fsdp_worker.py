@@ -35,7 +35,7 @@ from qwenloop.checkpoint import Checkpointer, TrainerState, run_identity
 from qwenloop.cli import exit_process
 from qwenloop.data import build_dataset, make_dataloader
 from qwenloop.distributed import FSDPBackend, local_param_bytes
-from qwenloop.loss import count_targets, token_loss_sum
+from qwenloop.loss import batch_loss_sum, find_target_loss_head
 from qwenloop.model import load_model, load_tokenizer
 from qwenloop.train import _make_scheduler
 
@@ -145,16 +145,16 @@ def main() -> None:
     if args.resume:
         state = checkpoints.resume(args.resume, state.identity, len(mine))
 
+    head = find_target_loss_head(wrapped)
     losses = {}
     wrapped.train()
     while state.step < cfg.max_steps:
         window = mine[state.step * gas:(state.step + 1) * gas]
-        targets = torch.tensor(float(sum(count_targets(b) for b in window)))
+        targets = torch.tensor(float(sum(b["num_targets"] for b in window)))
         dist.all_reduce(targets)
         loss_sum = torch.zeros(())
         for batch in window:
-            logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            token_loss = token_loss_sum(logits, batch["labels"])
+            token_loss = batch_loss_sum(wrapped, batch, head)  # the loop's own loss (target-only head or logits)
             (token_loss * world / targets).backward()  # FSDP averages gradients over ranks
             loss_sum += token_loss.detach()
         if version == 2:
