@@ -266,6 +266,11 @@ class TokenizedData:
     def target_tokens(self) -> int:
         return int(sum(self.dataset["num_targets"]))
 
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens of each example (for packing and length grouping)."""
+        return list(self.dataset["length"])
+
 
 def build_dataset(path: str, tokenizer, cfg) -> TokenizedData:
     """Load, validate, tokenize (cached by ``datasets``), truncate or drop over-long examples."""
@@ -283,7 +288,7 @@ def build_dataset(path: str, tokenizer, cfg) -> TokenizedData:
         if too_long and policy == "truncate":
             input_ids, labels = input_ids[:max_len], labels[:max_len]
         num_targets = sum(1 for t in labels[1:] if t != IGNORE_INDEX)  # the first label is never predicted
-        return {"input_ids": input_ids, "labels": labels, "num_targets": num_targets, "too_long": too_long}
+        return {"input_ids": input_ids, "labels": labels, "num_targets": num_targets, "length": len(input_ids), "too_long": too_long}
 
     tokenized = records.map(
         encode,
@@ -384,13 +389,3 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
             return iter(range(self.num_samples))
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.num_samples, generator=g).tolist())
-
-
-def make_dataloader(data: TokenizedData, batch_size: int, pad_token_id: int, seed: int, shuffle: bool, num_workers: int = 0):
-    return torch.utils.data.DataLoader(
-        data.dataset.with_format(columns=["input_ids", "labels"]),
-        batch_size=batch_size,
-        sampler=EpochShuffleSampler(len(data.dataset), seed, shuffle),
-        collate_fn=PaddingCollator(pad_token_id),
-        num_workers=num_workers,
-    )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checkpoint
+from . import batching as batching_lib
 from . import data as data_lib
 from . import distributed, model as model_lib
 from .adapter import save_adapter
@@ -75,17 +76,27 @@ def train(cfg: TrainConfig) -> TrainResult:
         "train: %d examples, %d target tokens; %d truncated and %d dropped at max_seq_len=%d",
         len(train_data.dataset), train_data.target_tokens, train_data.truncated, train_data.dropped, cfg.max_seq_len,
     )
-    train_loader = data_lib.make_dataloader(
-        train_data, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.seed, shuffle=True, num_workers=cfg.num_workers
+    # Padded micro-batches of `micro_batch_size` examples (similar lengths together with group_by_length),
+    # or with packing `micro_batch_size` rows of several examples each.
+    batching = dict(packing=cfg.packing, group_by_length=cfg.group_by_length, max_seq_len=cfg.max_seq_len)
+    train_loader = batching_lib.make_dataloader(
+        train_data, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.seed, shuffle=True, num_workers=cfg.num_workers, **batching
     )
     eval_loader = (
-        data_lib.make_dataloader(eval_data, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.seed, shuffle=False)
+        batching_lib.make_dataloader(eval_data, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.seed, shuffle=False, **batching)
         if eval_data
         else None
     )
+    if cfg.packing:
+        logger.info("packing: %d examples in %d rows of up to %d tokens", len(train_data.dataset), len(train_loader.dataset), cfg.max_seq_len)
 
     # ---- model, optimizer (trainable parameters only), schedule ----
     model = model_lib.load_model(cfg, backend)
+    if cfg.packing:
+        try:
+            batching_lib.check_packing_support(model.config, cfg.micro_batch_size)
+        except ValueError as e:
+            raise UserError(f"packing: {e}")
     # What each rank holds of the frozen base right after loading (ZeRO-3 loads partitioned), and
     # where each rank runs (its index on its machine: [0, 1] is one machine, [0, 0] two).
     base_bytes_per_rank, local_rank_per_rank = accelerator.gather(torch.tensor(
@@ -123,8 +134,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     # steps it once per process and would run the schedule num_processes times too fast).
     scheduler = _make_scheduler(cfg.lr_scheduler, optimizer, warmup, total_steps)
     logger.info(
-        "%d optimizer steps (%d per epoch) of %d examples each (micro %d x accumulation %d x processes %d)",
-        total_steps, steps_per_epoch, cfg.micro_batch_size * gas * accelerator.num_processes,
+        "%d optimizer steps (%d per epoch) of %d %s each (micro %d x accumulation %d x processes %d)",
+        total_steps, steps_per_epoch, cfg.micro_batch_size * gas * accelerator.num_processes, "packed rows" if cfg.packing else "examples",
         cfg.micro_batch_size, gas, accelerator.num_processes,
     )
 

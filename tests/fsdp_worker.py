@@ -33,7 +33,8 @@ from qwenloop import TrainConfig
 from qwenloop.adapter import save_adapter
 from qwenloop.checkpoint import Checkpointer, TrainerState, run_identity
 from qwenloop.cli import exit_process
-from qwenloop.data import build_dataset, make_dataloader
+from qwenloop.batching import make_dataloader
+from qwenloop.data import build_dataset
 from qwenloop.distributed import FSDPBackend, local_param_bytes
 from qwenloop.loss import batch_loss_sum, find_target_loss_head
 from qwenloop.model import load_model, load_tokenizer
@@ -135,7 +136,8 @@ def main() -> None:
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     scheduler = _make_scheduler(cfg.lr_scheduler, optimizer, cfg.warmup_steps, cfg.max_steps)
-    loader = make_dataloader(data, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.seed, shuffle=True)
+    loader = make_dataloader(data, cfg.micro_batch_size, tokenizer.pad_token_id, cfg.seed, shuffle=True,
+                             packing=cfg.packing, group_by_length=cfg.group_by_length, max_seq_len=cfg.max_seq_len)
     loader.sampler.set_epoch(0)
     mine = [b for i, b in enumerate(loader) if i % world == rank]  # accelerate's BatchSamplerShard order
     gas = cfg.gradient_accumulation_steps

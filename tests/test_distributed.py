@@ -1,6 +1,7 @@
 """Real 2-rank runs on CPU (gloo), launched with `accelerate launch` as a user would:
-DDP and DeepSpeed ZeRO-3 (parameters partitioned down to every tensor; with and without parameter +
-optimizer offload) against a single process,
+DDP and DeepSpeed ZeRO-3 (parameters partitioned down to every tensor, the LM head included, which the
+target-only loss head reaches through DeepSpeed's module hooks; with and without parameter + optimizer
+offload; padded and packed batches) against a single process,
 same seed, data and global batch (single: 4 x 2 accumulation; 2 ranks: 2 x 2 accumulation x 2)."""
 
 import json
@@ -34,12 +35,14 @@ class Runs(dict):
 
     def __missing__(self, name):
         out = self.root / name
-        if name == "single":
-            train_in_process(base_config(self.tiny_model, self.train_jsonl, out, micro_batch_size=4, **STEPS))
+        launcher, _, variant = name.partition("+")  # "zero3+packing": the zero3 launch of a packed run
+        extra = {"packing": True, "max_seq_len": 64} if variant == "packing" else {}
+        if launcher == "single":
+            train_in_process(base_config(self.tiny_model, self.train_jsonl, out, micro_batch_size=4, **STEPS, **extra))
         else:
-            yaml_name, env = LAUNCHES[name]
-            cfg = base_config(self.tiny_model, self.train_jsonl, out, micro_batch_size=2, **STEPS)
-            launch(yaml_name, write_yaml(self.root / f"{name}.yaml", cfg), env)
+            yaml_name, env = LAUNCHES[launcher]
+            cfg = base_config(self.tiny_model, self.train_jsonl, out, micro_batch_size=2, **STEPS, **extra)
+            launch(yaml_name, write_yaml(self.root / f"{launcher}-{variant}.yaml", cfg), env)
         self[name] = out
         return out
 
@@ -65,6 +68,16 @@ def test_losses_match_single_process(runs, name):
     single, multi = train_losses(runs["single"]), train_losses(runs[name])
     assert len(multi) == 4
     assert multi == pytest.approx(single, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero3"])
+def test_packed_runs_match_single_process(runs, name):
+    """Packed rows (position ids restarting per example, no attention mask) under DDP and ZeRO-3: the
+    same rows make the same global batch (4 x 2 in one process, 2 x 2 x 2 ranks), and the same losses."""
+    single, multi = train_losses(runs["single+packing"]), train_losses(runs[f"{name}+packing"])
+    assert len(multi) == 4 and multi == pytest.approx(single, rel=1e-5)
+    assert_adapters_close(runs[f"{name}+packing"] / "adapter", runs["single+packing"] / "adapter", rel=1e-5)
+    assert run_info(runs[f"{name}+packing"])["padding_fraction"] < 0.5 * run_info(runs[name])["padding_fraction"]
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero3", OFFLOAD])

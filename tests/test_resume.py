@@ -66,10 +66,9 @@ def assert_same_run(straight, resumed):
 # ---- single process, in this process ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory, tiny_model, train_jsonl):
-    root = tmp_path_factory.mktemp("single")
-    cfg = base_config(tiny_model, train_jsonl, root / "straight", micro_batch_size=4, **COMMON)
+def straight_and_resumed(root, cfg) -> dict:
+    """`cfg` run straight, and the same run stopped by SIGTERM after step 4 then resumed (in this process)."""
+    cfg = {**cfg, "output_dir": str(root / "straight")}
     reset_accelerate_state()
     train(TrainConfig.from_dict(cfg))
     reset_accelerate_state()
@@ -85,6 +84,25 @@ def single(tmp_path_factory, tiny_model, train_jsonl):
     resumed = train(TrainConfig.from_dict({**stopped_cfg, "resume_from": "auto"}))
     reset_accelerate_state()
     return {"root": root, "stop": stop.value, "stopped_checkpoints": stopped_checkpoints, "resumed": resumed, "cfg": cfg}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model, train_jsonl):
+    root = tmp_path_factory.mktemp("single")
+    return straight_and_resumed(root, base_config(tiny_model, train_jsonl, root / "straight", micro_batch_size=4, **COMMON))
+
+
+@pytest.mark.parametrize("batching", [
+    # 64 examples in 51 rows of <= 64 tokens: 3 rows x 3 accumulation, 5 steps per epoch
+    {"packing": True, "max_seq_len": 64, "micro_batch_size": 3},
+    {"group_by_length": True, "micro_batch_size": 4},
+], ids=["packing", "group_by_length"])
+def test_single_process_resume_is_exact_with(batching, tmp_path, tiny_model, train_jsonl):
+    runs = straight_and_resumed(tmp_path, base_config(tiny_model, train_jsonl, tmp_path, **{**COMMON, **batching}))
+    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+    epochs = [m["epoch"] for m in step_metrics(tmp_path / "straight")]
+    assert epochs[3] == 0 and epochs[-1] >= 1, epochs  # stopped mid-epoch 0, resumed across an epoch boundary
+    assert runs["resumed"].resumed_from.endswith("step-0000004")
 
 
 def test_single_process_sigterm_stops_with_a_checkpoint(single):
