@@ -63,8 +63,11 @@ class TrainConfig:
     """Local directory or hub id of a Qwen2 / Qwen2.5 / Qwen3 causal LM (hub only where a network exists)."""
     trust_remote_code: bool = False
     """Allow code shipped with the model to run. Off unless you trust the model repository."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel; `sdpa` falls back to `eager` when the model does not support it."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel; `sdpa` falls back to `eager` when the model does not support it. sdpa and eager
+    run everywhere (V100 included) and keep packed examples apart with a block-causal mask;
+    `flash_attention_2` (Ampere+, the flash-attn package; varlen kernels for packing, one row per
+    micro-batch) and `flex_attention` (GPU only: no backward on CPU) are for GPUs that have them."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (needed for long sequences on big models)."""
     gradient_checkpointing_reentrant: bool = False
