@@ -91,3 +91,23 @@ resume_check() {  # name yaml precision-args...
   python3 -c "import json,sys; [print({k: r.get(k) for k in ('step','loss','skipped','bad_steps','loss_scale')}) for r in map(json.loads, open(sys.argv[1])) if 2 <= r.get('step', 0) <= 6]" "$WORK/resume/nan-fp16/metrics.jsonl"
 } 2>&1 | tee -a "$LOG"
 tar czf "$OUT/run_logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log) 2>/dev/null
+
+# ---- issue 8: speed on the GPU (bench/gpu_bench.py; its docstring says what is measured and how) ----
+# qwenloop vs HF Trainer + PEFT on random-init Qwen2.5-1.5B in bf16 and in fp16 with V100's sdpa kernels (no
+# flash/cuDNN); MFU of 7B LoRA (packed, with and without gradient checkpointing; padded); the packing isolation
+# check under flex_attention / flash_attention_2. Each under `timeout` (375 s in all, ~5 min expected); a
+# report per run in $OUT/gpu_bench-*.md (+ .json, rewritten after every child: a timeout keeps the rows done).
+{
+  echo "== issue 8: speed on the GPU"
+  GB=(python3 bench/gpu_bench.py --workdir "$WORK/gpu-bench" --logs "$OUT/gpu_bench_logs")
+  echo "== packing isolation, tiny model, bf16 (flex_attention; flash_attention_2 if flash_attn imports)"
+  timeout -k 10 75 "${GB[@]}" --isolation; echo "rc=$?"
+  echo "== qwen2.5-1.5b bf16: hf vs ql-head vs ql-pack"
+  timeout -k 10 95 "${GB[@]}" --shape qwen2.5-1.5b --precision bf16 --steps 20 --out "$OUT/gpu_bench-1.5b-bf16.md"; echo "rc=$?"
+  echo "== qwen2.5-7b bf16: MFU of qwenloop (target: >= 45% on H100/H200)"
+  timeout -k 10 125 "${GB[@]}" --shape qwen2.5-7b --precision bf16 --steps 12 --variants ql-pack ql-pack-nockpt ql-head \
+    --out "$OUT/gpu_bench-7b-bf16.md"; echo "rc=$?"
+  echo "== qwen2.5-1.5b fp16 (V100's precision; sdpa without flash/cuDNN): hf vs ql-head vs ql-pack"
+  timeout -k 10 80 "${GB[@]}" --shape qwen2.5-1.5b --precision fp16 --steps 20 --out "$OUT/gpu_bench-1.5b-fp16.md"; echo "rc=$?"
+  rm -rf "$WORK/gpu-bench"/model-*  # ~21 GiB of random weights
+} 2>&1 | tee -a "$LOG"

@@ -120,7 +120,8 @@ def make_dataloader(data: TokenizedData, batch_size: int, pad_token_id: int, see
         dataset, collate = data.dataset.with_format(columns=["input_ids", "labels"]), PaddingCollator(pad_token_id)
         sampler = (LengthGroupedSampler(data.lengths, batch_size, seed, shuffle) if group_by_length
                    else EpochShuffleSampler(len(data.dataset), seed, shuffle))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available())  # for the accelerator's non-blocking copies
 
 
 class PackingCollator:

@@ -229,6 +229,10 @@ class TrainConfig:
             raise bad("lora.target_modules", f"must name at least one module, e.g. {QWEN_LORA_TARGETS}")
         if self.packing and self.group_by_length:
             raise bad("group_by_length", "has nothing to group when packing is on (packed rows have no padding); set one of them to false")
+        if self.packing and self.attn_implementation == "flash_attention_2" and self.micro_batch_size > 1:
+            raise bad("micro_batch_size", f"is {self.micro_batch_size}, but packing with flash_attention_2 needs one row per "
+                                          f"micro-batch (its varlen path sees example boundaries only then); set "
+                                          f"micro_batch_size: 1 (and raise max_seq_len or gradient_accumulation_steps)")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise bad("peak_tflops", f"must be > 0 (or null to look it up), got {self.peak_tflops}")
         if self.resume_from is not None and not str(self.resume_from).strip():

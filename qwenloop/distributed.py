@@ -22,7 +22,7 @@ def create_accelerator(cfg):
     Backend, precision and process count come from the accelerate config / launcher environment.
     """
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
     kwargs_handlers = []
     if is_multiprocess_cpu():
@@ -38,6 +38,9 @@ def create_accelerator(cfg):
         log_with=cfg.report_to or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=f"{cfg.output_dir}/runs"),
         kwargs_handlers=kwargs_handlers,
+        # Batches go to the GPU asynchronously from pinned memory (``batching.make_dataloader``): a plain
+        # copy from pageable memory would wait for the device's queue to drain at every micro-batch.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     check_precision_supported(accelerator.mixed_precision, _device_capability())
     return accelerator

@@ -97,6 +97,9 @@ def load_model(cfg, backend):
         model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, **kwargs)
     except (ValueError, ImportError) as e:
         if cfg.attn_implementation != "sdpa" or "sdpa" not in str(e).lower():
+            if cfg.attn_implementation in str(e) or "flash" in str(e).lower():
+                raise UserError(f"attn_implementation: {cfg.attn_implementation} cannot be used here "
+                                f"({str(e).splitlines()[0]}); set attn_implementation: sdpa")
             raise
         logger.warning("model does not support sdpa attention (%s): falling back to eager", e)
         model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager", **kwargs)

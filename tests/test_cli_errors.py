@@ -40,6 +40,13 @@ def test_malformed_data_line_via_cli(tmp_path, tiny_model):
     assert_clean_error(run_cli("train", cfg), "d.jsonl:2: malformed JSON")
 
 
+def test_unavailable_attention_kernel_via_cli(tmp_path, tiny_model, train_jsonl):
+    """flash-attn is not installed here (and needs a GPU): one line naming the setting, not a traceback."""
+    cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, train_jsonl, tmp_path / "out", attn_implementation="flash_attention_2"))
+    assert_clean_error(run_cli("train", cfg), "attn_implementation: flash_attention_2 cannot be used here", "set attn_implementation: sdpa")
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
 def test_unknown_override_via_cli(tmp_path, tiny_model, train_jsonl):
     cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, train_jsonl, tmp_path / "out"))
     assert_clean_error(run_cli("train", cfg, "--learning-rat", "1"), "did you mean 'learning_rate'")

@@ -39,6 +39,11 @@ def test_yaml_and_overrides(tmp_path):
         ({"train_file": "t.jsonl"}, [], r"model: is required"),
         ({**MINIMAL, "gradient_checkpointing": "yes"}, [], r"gradient_checkpointing: expected true or false"),
         ({**MINIMAL, "lora": 3}, [], r"lora: expected a mapping"),
+        (MINIMAL, ["--packing", "true", "--group_by_length", "true"], r"group_by_length: has nothing to group when packing is on"),
+        (MINIMAL, ["--peak_tflops", "0"], r"peak_tflops: must be > 0"),
+        (MINIMAL, ["--attn_implementation", "flash"], r"attn_implementation: 'flash' is not one of"),
+        (MINIMAL, ["--packing", "true", "--attn_implementation", "flash_attention_2", "--micro_batch_size", "2"],
+         r"micro_batch_size: is 2, but packing with flash_attention_2 needs one row per micro-batch"),
     ],
 )
 def test_bad_config_is_one_clear_line(raw, overrides, message):
