@@ -54,13 +54,18 @@ class _TargetCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]
             logits = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)
+            # log-sum-exp and softmax in place, one pass each over the [chunk, vocab] block: with a 152k
+            # vocabulary these passes, not the matmuls, are what a naive logsumexp + softmax costs twice.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()
+            sum_exp = exp.sum(dim=-1)
+            total += (row_max.squeeze(1) + sum_exp.log() - target_logit).sum()
             if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                probs = exp.div_(sum_exp[:, None])
+                probs[torch.arange(y.numel(), device=y.device), y] -= 1.0  # softmax - one_hot = dCE/dlogits
                 grad_hidden[start : start + chunk] = probs.to(weight.dtype) @ weight
-            del logits
+            del logits, exp
         ctx.save_for_backward(grad_hidden)
         return total
 
