@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=5e-3, lr_scheduler="cosine", warmup_steps=1)
 QLORA = {"quantization": {"bits": 4}}
+PACKED = {"packing": True, "max_seq_len": 64}
 CONFIGS = ["fsdp.yaml", "fsdp1.yaml"]  # FSDP2 (the default) and FSDP1
 
 
@@ -51,15 +52,16 @@ def run_worker(out: Path, config: dict, accelerate_yaml: str, *worker_args: str)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, train_jsonl):
-    """Trainings shared by the tests of this module, each run once: ``runs(kind, quantization)`` with
+    """Trainings shared by the tests of this module, each run once: ``runs(kind, extra)`` with
     kind "single" (one process, micro-batch 4) or an accelerate FSDP yaml (2 ranks, micro-batch 2)."""
     root, done = tmp_path_factory.mktemp("fsdp"), {}
 
-    def get(kind: str, quantization: dict | None = None) -> Path:
-        key = (kind, bool(quantization))
+    def get(kind: str, extra: dict | None = None) -> Path:
+        """``extra``: settings on top of STEPS (QLORA, PACKED); runs with equal settings are shared."""
+        extra = extra or {}
+        key = (kind, json.dumps(extra, sort_keys=True))
         if key not in done:
-            out = root / f"{kind}{'-4bit' if quantization else ''}"
-            extra = quantization or {}
+            out = root / f"{kind}-{len(done)}"
             if kind == "single":
                 train_in_process(base_config(tiny_model, train_jsonl, out, micro_batch_size=4, **STEPS, **extra))
             else:
@@ -133,3 +135,12 @@ def test_qlora_under_fsdp(runs, tiny_model, accelerate_yaml):
     loaded_4bit = info["base_bytes_after_load"][0]
     assert loaded_4bit < 0.6 * model_file_bytes(tiny_model)  # quantized (embeddings and norms stay fp32)
     assert info["base_bytes_after_prepare"] == [loaded_4bit // 2, loaded_4bit // 2]  # the 4-bit weights are sharded
+
+
+def test_packed_rows_under_fsdp2(runs, tiny_model):
+    """Packed rows (position ids restarting per example, no attention mask) and the target-only head under
+    FSDP2: the same losses and adapter as one process."""
+    out, single = runs("fsdp.yaml", PACKED), runs("single", PACKED)
+    assert train_losses(out) == pytest.approx(train_losses(single), rel=1e-5)
+    assert_adapters_close(out / "adapter", single / "adapter", rel=1e-5)
+    check_adapter(out, tiny_model)
