@@ -12,8 +12,13 @@ Pure arithmetic on shapes and datasheet numbers: nothing here imports the traini
   checkpointing, sdpa / eager, LoRA, dropout, autocast), the recompute working set of one layer, and the
   loss's bytes; each formula equals the bytes a real forward saves (``tests/test_plan_activations.py``).
 
-Not yet here (issue 9): the per-backend parameter/optimizer terms, the verdict, the time model and the
-``qwenloop plan`` command.
+* ``states``: model-state bytes per rank and per node by backend (single, DDP, ZeRO-3, FSDP1/2),
+  quantization (16-bit, NF4 with its quant state, int8) and offload: the frozen base's shard and the
+  LoRA adapter's weights, gradients and optimizer state; equal to DeepSpeed's own estimator for full
+  training, and to the bytes real (tiny) models hold.
+
+Not yet here (issue 9): the gathered-layer / prefetch buffers, the verdict and search, the time model,
+and the ``qwenloop plan`` / ``doctor`` commands.
 """
 
 from .gpus import GPU_PRESETS, GPUSpec, custom_gpu, resolve_gpu
