@@ -160,7 +160,7 @@ class PackingCollator:
                 position_ids[r, at : at + n] = torch.arange(n)
                 at += n
             position_ids[r, at:] = torch.arange(width - at)
-        return finish_batch(input_ids, labels, num_tokens=sum(lengths), example_lengths=example_lengths, position_ids=position_ids)
+        return finish_batch(input_ids, labels, example_lengths, position_ids=position_ids)
 
 
 def check_packing_support(config, rows_per_batch: int) -> None:

@@ -254,6 +254,10 @@ class TrainerState:
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
 
 
+# Identity keys newer than some checkpoints, with the value every run had before the key existed.
+IDENTITY_ADDED_LATER = {"packing": False, "group_by_length": False}
+
+
 def run_identity(cfg, world_size: int, train_data) -> dict:
     """The settings that decide which examples each step sees: a resume with other values would not
     continue the same training (refused unless ``force_resume``)."""
@@ -487,11 +491,12 @@ class Checkpointer:
         return tensors
 
     def _check_identity(self, path, state: TrainerState, identity: dict, per_epoch_batches: int) -> TrainerState:
-        differ = [k for k in identity if state.identity.get(k) != identity[k]]
+        saved = {**IDENTITY_ADDED_LATER, **state.identity}  # older checkpoints lack the keys added since
+        differ = [k for k in identity if saved.get(k) != identity[k]]
         if not differ:
             state.identity = identity
             return state
-        what = ", ".join(f"{k} {state.identity.get(k)} -> {identity[k]}" for k in differ)
+        what = ", ".join(f"{k} {saved.get(k)} -> {identity[k]}" for k in differ)
         if not self.cfg.force_resume:
             raise UserError(
                 f"resume_from: {path} was written with other settings ({what}); resuming would not continue the "

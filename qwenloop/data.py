@@ -310,8 +310,7 @@ def build_dataset(path: str, tokenizer, cfg) -> TokenizedData:
     return TokenizedData(tokenized, truncated=too_long if policy == "truncate" else 0, dropped=dropped)
 
 
-def finish_batch(input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: int, example_lengths: list[int] | None = None,
-                 **inputs: torch.Tensor) -> dict:
+def finish_batch(input_ids: torch.Tensor, labels: torch.Tensor, example_lengths: list[int], **inputs: torch.Tensor) -> dict:
     """The batch the loop consumes: model inputs, labels, where the targets are, and counts.
 
     ``target_index`` holds the flat positions (``row * width + col``) of the hidden states whose *next*
@@ -322,22 +321,18 @@ def finish_batch(input_ids: torch.Tensor, labels: torch.Tensor, num_tokens: int,
     reason: accelerate moves tensors to the device and leaves ints alone. ``attention_pairs`` (causal
     query-key pairs, ``l*(l+1)/2`` per example of length ``l``) feeds the FLOPs count of ``flops.py``.
     """
-    if example_lengths is None:
-        example_lengths = [labels.shape[1]] * labels.shape[0]
-    rows, width = labels.shape
-    next_is_target = torch.zeros_like(labels, dtype=torch.bool)
-    next_is_target[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    target_index = next_is_target.reshape(-1).nonzero().squeeze(1)
-    target_labels = labels[:, 1:].reshape(-1)[(next_is_target[:, :-1]).reshape(-1)] if width > 1 else labels.new_zeros(0)
+    next_labels = torch.full_like(labels, IGNORE_INDEX)
+    next_labels[:, :-1] = labels[:, 1:]
+    target_index = (next_labels != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
     return {
         "input_ids": input_ids,
         "labels": labels,
         **inputs,
         "target_index": target_index,
-        "target_labels": target_labels,
+        "target_labels": next_labels.reshape(-1)[target_index],
         "num_targets": int(target_index.numel()),
-        "num_tokens": int(num_tokens),
-        "num_positions": rows * width,
+        "num_tokens": sum(example_lengths),
+        "num_positions": labels.numel(),
         "attention_pairs": sum(n * (n + 1) // 2 for n in example_lengths),
     }
 
@@ -365,7 +360,7 @@ class PaddingCollator:
             labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
         lengths = [len(e["input_ids"]) for e in examples]
-        return finish_batch(input_ids, labels, sum(lengths), lengths, attention_mask=attention_mask)
+        return finish_batch(input_ids, labels, lengths, attention_mask=attention_mask)
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

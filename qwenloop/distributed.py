@@ -232,7 +232,7 @@ class DeepSpeedBackend(Backend):
         # that exists since the Accelerator was built). No device_map: DeepSpeed places parameters.
         return {}
 
-    def clip_grad_norm(self, model, max_norm: float) -> float | None:
+    def clip_grad_norm(self, model, max_norm: float):
         # The engine clips (gradient_clipping, set from max_grad_norm in `configure`) inside its step,
         # which accelerate runs at the accumulation boundary of `backward`; the norm is ready here.
         return model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None

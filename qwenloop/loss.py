@@ -166,8 +166,3 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
 
 def _chunk_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def count_targets(batch) -> int:
-    """Target tokens of a batch: positions whose label is predicted (all but the first)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

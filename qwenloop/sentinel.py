@@ -54,7 +54,8 @@ class NonFiniteSentinel:
             "step": step,
             "ranks_with_nonfinite_loss": [r for r in range(flags.shape[0]) if flags[r, 0] > 0],
             "grad_norm": None if grad_norm is None else float(norm),
-            # rank 0's view (gradients are all-reduced); the clip left non-finite gradients untouched
+            # rank 0's view (gradients are all-reduced); the clip left non-finite gradients as they were
+            # (except FSDP's, see FSDPBackend.clip_grad_norm)
             "nonfinite_gradients": self.backend.nonfinite_grad_names(model),
         }
         return False

@@ -171,6 +171,25 @@ def test_incompatible_checkpoint_is_refused_unless_forced(checkpointed_run, tmp_
     assert len(result.losses) == 2
 
 
+def test_checkpoint_from_before_packing_existed_still_resumes(checkpointed_run, tmp_path, tiny_model, train_jsonl, reset_accelerate):
+    """A checkpoint whose identity has no `packing` / `group_by_length` (written before they existed) was
+    written with both off: it resumes without force, and resuming it packed is refused as a change."""
+    src, _ = checkpointed_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    state_file = out / ckpt.CHECKPOINTS / "step-0000004" / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    for key in ("packing", "group_by_length"):
+        del state["identity"][key]
+    state_file.write_text(json.dumps(state))
+    cfg = base_config(tiny_model, train_jsonl, out, max_steps=5, resume_from="auto")
+    with pytest.raises(UserError, match=r"\(packing False -> True\)"):
+        train(TrainConfig.from_dict({**cfg, "packing": True}))
+    reset_accelerate_state()
+    result = train(TrainConfig.from_dict(cfg))
+    assert result.steps == 5 and result.resumed_from.endswith("step-0000004")
+
+
 def test_resume_from_nowhere_is_a_clean_cli_error(tmp_path, tiny_model, train_jsonl):
     from test_cli_errors import assert_clean_error
 

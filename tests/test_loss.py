@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from qwenloop import loss as loss_lib
 from qwenloop.data import PaddingCollator
-from qwenloop.loss import TargetLossHead, count_targets, token_loss_sum
+from qwenloop.loss import TargetLossHead, token_loss_sum
 
 
 def reference(logits, labels):
@@ -40,8 +40,13 @@ def test_no_target_gives_zero_loss_that_still_backpropagates():
     assert loss.item() == 0 and logits.grad is not None and logits.grad.abs().sum() == 0
 
 
-def test_count_targets_skips_the_unpredicted_first_position():
-    assert count_targets({"labels": torch.tensor([[5, 6, -100, 7]])}) == 2
+def test_collated_targets_skip_the_unpredicted_first_position():
+    """A label at position t is predicted from t-1: the first label never is, and padding is no target."""
+    batch = PaddingCollator(pad_token_id=0, pad_to_multiple_of=1)(
+        [{"input_ids": [1, 2, 3, 4], "labels": [5, 6, -100, 7]}, {"input_ids": [8], "labels": [9]}])
+    assert batch["num_targets"] == 2 and batch["target_labels"].tolist() == [6, 7]
+    assert batch["target_index"].tolist() == [0, 2]  # the hidden states at (row 0, col 0) and (row 0, col 2)
+    assert (batch["num_tokens"], batch["num_positions"], batch["attention_pairs"]) == (5, 8, 10 + 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,7 +83,7 @@ def test_target_head_equals_cross_entropy_of_full_logits(monkeypatch, bias, chun
     (grad_ours,) = torch.autograd.grad(ours * 0.5, hidden)  # a scale, as the loop's normalisation
     ref = reference(torch.nn.Linear.forward(head, hidden), batch["labels"])
     (grad_ref,) = torch.autograd.grad(ref * 0.5, hidden)
-    assert batch["num_targets"] == 8 + 24 + 2 == count_targets(batch)
+    assert batch["num_targets"] == 8 + 24 + 2
     assert ours.dtype == torch.float32 and ours.dim() == 0
     assert torch.allclose(ours, ref, rtol=1e-6)
     assert torch.allclose(grad_ours, grad_ref, rtol=1e-5, atol=1e-7)

@@ -218,7 +218,7 @@ def test_packed_targets_are_exactly_the_examples_alone_targets(examples):
     expected_total = 0
     for r, row in enumerate(rows):
         for (s, e), ex in zip(segments(batch, r), row):
-            alone = finish_batch(torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]]), len(ex["input_ids"]))
+            alone = finish_batch(torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]]), [len(ex["input_ids"])])
             mine = [(i - r * width - s, lab) for i, lab in zip(index, labels) if s <= i - r * width < e]
             assert mine == list(zip(alone["target_index"].tolist(), alone["target_labels"].tolist()))
             expected_total += alone["num_targets"]
