@@ -111,3 +111,14 @@ tar czf "$OUT/run_logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log) 2>/dev/null
   timeout -k 10 80 "${GB[@]}" --shape qwen2.5-1.5b --precision fp16 --steps 20 --out "$OUT/gpu_bench-1.5b-fp16.md"; echo "rc=$?"
   rm -rf "$WORK/gpu-bench"/model-*  # ~21 GiB of random weights
 } 2>&1 | tee -a "$LOG"
+
+# ---- issue 9: `qwenloop plan` against the measured peak of real steps (bench/plan_vs_measured.py) ----
+# Random-init Qwen2.5 0.5B / 1.5B / 7B shapes, LoRA and QLoRA, seq 512-4096, checkpointing on/off, 3 steps each
+# through `qwenloop train`; each run.json holds its plan beside its torch.cuda.max_memory_allocated. Target:
+# predicted within 10% of measured. ~6 min expected (the 7B cases write a 15 GB random model once).
+{
+  echo "== issue 9: plan vs measured peak allocated"
+  timeout -k 10 420 python3 bench/plan_vs_measured.py --workdir "$WORK/pvm" --out "$OUT/plan_vs_measured.md" --timeout 150
+  echo "rc=$?"
+  rm -rf "$WORK/pvm"/model-*
+} 2>&1 | tee -a "$LOG"

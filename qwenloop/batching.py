@@ -178,8 +178,9 @@ def check_packing_support(config, rows_per_batch: int) -> None:
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in _MASKED_IMPLEMENTATIONS and not (impl.startswith("flash_attention") and rows_per_batch == 1):
         raise ValueError(
-            f"packing with attn_implementation={impl!r} and {rows_per_batch} rows per batch would let "
-            f"examples attend to each other; use sdpa/eager/flex_attention, or one row per batch with flash attention"
+            f"packing with attn_implementation={impl!r} and {rows_per_batch} rows per micro-batch would let examples "
+            f"attend to each other (flash attention sees example boundaries only in a batch of one row); set "
+            f"micro_batch_size: 1 (and raise max_seq_len or gradient_accumulation_steps), or attn_implementation: sdpa"
         )
 
 

@@ -12,6 +12,9 @@ import sys
 from .errors import EXIT_USAGE, RunStopped, UserError
 
 USAGE = """usage: qwenloop train CONFIG.yaml [--key value ...]     fine-tune (e.g. --max_steps 10 --lora.r 8)
+       qwenloop plan (--model NAME|DIR --gpu NAME ... | --config my.yaml --accelerate-config X.yaml)   will it fit, how long
+       qwenloop doctor --config my.yaml [--accelerate-config X.yaml] [--gpu NAME] [--key value ...]
+                                                         every contradiction and risk of a launch, before it loads (exit 2: it would stop)
        qwenloop tiny-model DIR                           write the tiny Qwen2 model + tokenizer used by the demo/tests
        qwenloop config-reference                         print every training-config key as a Markdown table"""
 
@@ -52,12 +55,20 @@ def _dispatch(argv: list[str]) -> int:
 
         print(ensure_tiny_model(args.dir))
         return 0
+    if command == "plan":
+        from .plan.cli import main as plan_main
+
+        return plan_main(rest)
+    if command == "doctor":
+        from .doctor import main as doctor_main
+
+        return doctor_main(rest)
     if command == "config-reference":
         from .config import field_docs
 
         print(config_reference_markdown(field_docs()))
         return 0
-    raise UserError(f"unknown command {command!r}; use train, tiny-model or config-reference")
+    raise UserError(f"unknown command {command!r}; use train, plan, doctor, tiny-model or config-reference")
 
 
 def config_reference_markdown(rows) -> str:

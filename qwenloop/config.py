@@ -167,8 +167,9 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "TrainConfig":
-        """Read a YAML file, apply ``--key value`` overrides, validate."""
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None, validate: bool = True) -> "TrainConfig":
+        """Read a YAML file, apply ``--key value`` overrides, validate (``validate=False``: types only, for a
+        caller that reports every problem itself, as ``qwenloop doctor`` does)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise UserError(f"{path}: config file not found; pass the path of a YAML training config")
@@ -183,63 +184,30 @@ class TrainConfig:
             raw = {}
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
-        return cls.from_dict(raw, overrides=overrides, source=path)
+        return cls.from_dict(raw, overrides=overrides, source=path, validate=validate)
 
     @classmethod
-    def from_dict(cls, raw: dict, overrides: list[str] | None = None, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, raw: dict, overrides: list[str] | None = None, source: str = "config",
+                  validate: bool = True) -> "TrainConfig":
         data = _deep_copy(raw)
         for dotted, value in parse_overrides(overrides or []):
             _set_dotted(cls, data, dotted, value)
         cfg = _build(cls, data, source, prefix="")
-        cfg.validate(source)
+        if validate:
+            cfg.validate(source)
         return cfg
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def validate(self, source: str = "config") -> None:
-        def bad(key: str, why: str) -> UserError:
-            return UserError(f"{source}: {key}: {why}")
+        """Raise the first problem the training config's checks find (``qwenloop.checks.training``: the same
+        rules ``qwenloop doctor`` lists all at once and ``train()`` runs again before loading)."""
+        from .checks.training import config_problems
 
-        if not self.model:
-            raise bad("model", "is required: a local model directory or a hub id")
-        if not self.train_file:
-            raise bad("train_file", "is required: a JSONL/JSON/parquet file or a saved dataset directory")
-        positive = ["micro_batch_size", "gradient_accumulation_steps", "max_seq_len", "num_epochs", "log_every_steps"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ["max_steps", "warmup_steps", "eval_every_steps", "num_workers", "checkpoint_every_steps",
-                     "keep_last_checkpoints", "max_bad_steps"]:
-            if getattr(self, name) < 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_grad_norm < 0:
-            raise bad("max_grad_norm", f"must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise bad("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
-        if self.lora.r < 1:
-            raise bad("lora.r", f"must be >= 1, got {self.lora.r}")
-        if not 0 <= self.lora.dropout < 1:
-            raise bad("lora.dropout", f"must be in [0, 1), got {self.lora.dropout}")
-        if not self.lora.target_modules:
-            raise bad("lora.target_modules", f"must name at least one module, e.g. {QWEN_LORA_TARGETS}")
-        if self.packing and self.group_by_length:
-            raise bad("group_by_length", "has nothing to group when packing is on (packed rows have no padding); set one of them to false")
-        if self.packing and self.attn_implementation == "flash_attention_2" and self.micro_batch_size > 1:
-            raise bad("micro_batch_size", f"is {self.micro_batch_size}, but packing with flash_attention_2 needs one row per "
-                                          f"micro-batch (its varlen path sees example boundaries only then); set "
-                                          f"micro_batch_size: 1 (and raise max_seq_len or gradient_accumulation_steps)")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise bad("peak_tflops", f"must be > 0 (or null to look it up), got {self.peak_tflops}")
-        if self.resume_from is not None and not str(self.resume_from).strip():
-            raise bad("resume_from", "is empty; use auto, a checkpoint directory, or null")
-        for name in self.report_to:
-            if name not in ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"):
-                raise bad("report_to", f"unknown tracker {name!r}; use e.g. [tensorboard]")
+        problems = config_problems(self, source)
+        if problems:
+            raise UserError(problems[0])
 
 
 # --------------------------------------------------------------------------------------------

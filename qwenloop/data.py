@@ -47,12 +47,17 @@ FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpac
 # --------------------------------------------------------------------------------------------
 
 
+def check_data_path(path: str) -> None:
+    """A data file (or saved dataset directory) must exist; run before training by ``qwenloop.checks`` too."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: data file not found; set train_file/eval_file to an existing file or directory")
+
+
 def load_records(path: str):
     """Load a data file as a ``datasets.Dataset`` of raw records, with clear errors for bad files."""
     import datasets
 
-    if not os.path.exists(path):
-        raise UserError(f"{path}: data file not found; set train_file/eval_file to an existing file or directory")
+    check_data_path(path)
     if os.path.isdir(path):
         try:
             ds = datasets.load_from_disk(path)

@@ -1,8 +1,10 @@
 """Everything that differs between single process, DDP, DeepSpeed ZeRO-3 and FSDP, behind one interface.
 
-The loop asks a ``Backend`` for: how to load the base (``from_pretrained`` kwargs), whether a
-quantization is possible, how to clip and report the gradient norm, and how to gather the adapter
-(and only the adapter) for saving. Which backend runs is decided by the accelerate config file alone.
+The loop asks a ``Backend`` for: how to load the base (``from_pretrained`` kwargs), how to clip and
+report the gradient norm, and how to gather the adapter (and only the adapter) for saving. Which backend
+runs is decided by the accelerate config file alone. What a backend refuses (8-bit under ZeRO-3/FSDP,
+FSDP1 without ``use_orig_params``, a DeepSpeed JSON that contradicts the training config, ...) is checked
+before anything loads by ``qwenloop.checks``, the checks ``qwenloop doctor`` runs too.
 """
 
 from __future__ import annotations
@@ -42,27 +44,12 @@ def create_accelerator(cfg):
         # copy from pageable memory would wait for the device's queue to drain at every micro-batch.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
-    check_precision_supported(accelerator.mixed_precision, _device_capability())
     return accelerator
 
 
 def is_multiprocess_cpu() -> bool:
     """Several processes and no GPU: the ranks talk over gloo (tests, CPU demos)."""
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _device_capability():
-    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-
-
-def check_precision_supported(mixed_precision: str, capability: tuple[int, int] | None) -> None:
-    """bf16 needs compute capability 8.0 (Ampere); ``torch.cuda.is_bf16_supported()`` can say yes on a
-    V100 through emulation, which is slow and not what the user meant."""
-    if mixed_precision == "bf16" and capability is not None and capability < (8, 0):
-        raise UserError(
-            f"accelerate config: mixed_precision bf16 asked on a GPU of compute capability "
-            f"{capability[0]}.{capability[1]} (bf16 needs 8.0+, e.g. A100); use mixed_precision: fp16 on this GPU"
-        )
 
 
 def backend_for(accelerator) -> "Backend":
@@ -90,10 +77,8 @@ class Backend:
 
     # --- before loading ---------------------------------------------------------------------
     def configure(self, cfg) -> None:
-        """Reconcile the training config with the backend's own config (nothing to do here)."""
-
-    def check_quantization(self, bits: int) -> None:
-        """Raise before loading when this backend cannot run the requested quantization."""
+        """Hand the training config's settings to the backend's own config (after ``qwenloop.checks`` has
+        found the two consistent; nothing to hand over here)."""
 
     def load_on_meta(self, quantized: bool) -> bool:
         """Build the model without weights (meta device) on this rank: another rank reads the checkpoint
@@ -201,31 +186,11 @@ class DeepSpeedBackend(Backend):
                 self.mixed_precision = name
 
     def configure(self, cfg) -> None:
+        # The training config decides accumulation and clipping: fill the JSON's "auto" entries (the engine
+        # clips inside its step). A number that differs was refused by qwenloop.checks before this point.
         for key, ours in (("gradient_accumulation_steps", cfg.gradient_accumulation_steps), ("gradient_clipping", cfg.max_grad_norm)):
-            theirs = self.ds_config.get(key, "auto")
-            if theirs == "auto":
+            if self.ds_config.get(key, "auto") == "auto":
                 self.ds_config[key] = ours
-            elif float(theirs) != float(ours):
-                raise UserError(
-                    f"DeepSpeed config: {key} is {theirs} but the training config says {ours}; "
-                    f"set {key}: \"auto\" in the DeepSpeed JSON so the training config decides"
-                )
-
-        offload = self.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-        if offload not in (None, "none") and list(cfg.adam_betas) != [0.9, 0.999]:
-            # accelerate replaces torch AdamW by DeepSpeedCPUAdam and copies only lr and weight decay.
-            raise UserError(
-                f"adam_betas: {cfg.adam_betas} would be silently replaced by [0.9, 0.999] under DeepSpeed optimizer "
-                f"offload (accelerate builds DeepSpeedCPUAdam from lr and weight_decay only); keep the default betas "
-                f"or use a config without offload_optimizer"
-            )
-
-    def check_quantization(self, bits: int) -> None:
-        if bits == 8 and self.zero_stage == 3:
-            raise UserError(
-                "quantization.bits: 8-bit base weights do not work under DeepSpeed ZeRO-3 (bitsandbytes int8 "
-                "weights cannot be partitioned); use quantization.bits: 4 (QLoRA) or an fp16/bf16 base"
-            )
 
     def from_pretrained_kwargs(self, quantized: bool) -> dict:
         # ZeRO-3 loads through zero.Init by itself (transformers sees the accelerate DeepSpeed config
@@ -324,29 +289,6 @@ class FSDPBackend(Backend):
     def __init__(self, accelerator):
         super().__init__(accelerator)
         self.fsdp_version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
-
-    def configure(self, cfg) -> None:
-        plugin = self.accelerator.state.fsdp_plugin
-        if self.fsdp_version == 1 and not getattr(plugin, "use_orig_params", False):
-            # Without it FSDP1 replaces the parameters by FlatParameters at prepare: the optimizer,
-            # built on the LoRA parameters before, would step tensors the model no longer uses.
-            raise UserError(
-                "accelerate config: fsdp_use_orig_params is false under FSDP1; LoRA needs fsdp_use_orig_params: true "
-                "(frozen and trainable parameters in one model); set it in fsdp_config (see accelerate_configs/fsdp1.yaml)"
-            )
-        if getattr(plugin, "activation_checkpointing", False) and cfg.gradient_checkpointing:
-            raise UserError(
-                "accelerate config: fsdp_activation_checkpointing is true and the training config's gradient_checkpointing "
-                "too (every layer would be checkpointed twice); set fsdp_activation_checkpointing: false (qwenloop's "
-                "gradient_checkpointing does it) or gradient_checkpointing: false"
-            )
-
-    def check_quantization(self, bits: int) -> None:
-        if bits == 8:
-            raise UserError(
-                "quantization.bits: 8-bit base weights do not work under FSDP (int8 weights cannot be "
-                "sharded); use quantization.bits: 4 (QLoRA) or an fp16/bf16 base"
-            )
 
     def load_on_meta(self, quantized: bool) -> bool:
         # accelerate's fsdp_cpu_ram_efficient_loading: only the first rank of each machine reads the

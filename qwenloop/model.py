@@ -1,15 +1,14 @@
 """The model: tokenizer, base weights (dtype from the accelerator, sdpa), bitsandbytes, LoRA, checkpointing.
 
-Backend differences (zero.Init, what may be quantized where) are asked of the ``Backend`` object from
-``distributed.py``; nothing here tests for DeepSpeed or FSDP by name.
+Backend differences (zero.Init, meta-device loading) are asked of the ``Backend`` object from
+``distributed.py``; nothing here tests for DeepSpeed or FSDP by name. What may be quantized where, and
+whether the model path and the attention kernel exist, is checked before this runs (``qwenloop.checks``).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import logging
-import os
 
 import torch
 
@@ -28,17 +27,9 @@ def compute_dtype(mixed_precision: str) -> torch.dtype:
     return PRECISION_DTYPES.get(str(mixed_precision), torch.float32)
 
 
-def _check_model_path(name: str) -> None:
-    # A hub id is "org/name"; anything else that is not an existing directory is a mistyped path.
-    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
-        raise UserError(f"model: directory {name!r} not found; set model to a local model directory or a hub id")
-
-
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
-    _check_model_path(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -54,15 +45,10 @@ def load_tokenizer(cfg):
 
 
 def quantization_config(cfg, dtype: torch.dtype):
-    """bitsandbytes settings for the base weights, or None."""
+    """bitsandbytes settings for the base weights, or None (bitsandbytes' presence: ``qwenloop.checks``)."""
     bits = cfg.quantization.bits
     if bits == 0:
         return None
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(
-            f"quantization.bits: {bits}-bit base weights need bitsandbytes, which is not installed; "
-            f"pip install 'qwenloop[bnb]' or set quantization.bits: 0"
-        )
     from transformers import BitsAndBytesConfig
 
     if bits == 8:
@@ -82,9 +68,9 @@ def load_model(cfg, backend):
     from transformers import AutoModelForCausalLM
 
     dtype = compute_dtype(backend.mixed_precision)
+    # What may be quantized under which backend, and whether the model path exists, was checked before
+    # anything loaded (qwenloop.checks, run by train()).
     quant = quantization_config(cfg, dtype)
-    backend.check_quantization(cfg.quantization.bits)  # before any weight is read
-    _check_model_path(cfg.model)
     kwargs = dict(
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
@@ -96,6 +82,8 @@ def load_model(cfg, backend):
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, **kwargs)
     except (ValueError, ImportError) as e:
+        # qwenloop.checks refused the kernels known to be missing before anything loaded; what is left is
+        # what only the model class knows (a kernel it does not support).
         if cfg.attn_implementation != "sdpa" or "sdpa" not in str(e).lower():
             if cfg.attn_implementation in str(e) or "flash" in str(e).lower():
                 raise UserError(f"attn_implementation: {cfg.attn_implementation} cannot be used here "

@@ -22,15 +22,17 @@ from . import batching as batching_lib
 from . import data as data_lib
 from . import distributed, model as model_lib
 from .adapter import save_adapter
+from .checks import check_run
 from .config import TrainConfig
 from .errors import RunStopped, UserError
+from .launch import launch_from_accelerator
+from .plan import run as plan_run
 from .loss import batch_loss_sum, find_target_loss_head
 from .metrics import COUNTED, StepMeter, peak_memory
 from .sentinel import NonFiniteSentinel
 
 logger = logging.getLogger("qwenloop")
 
-RUN_FILES = ("metrics.jsonl", "adapter")  # what marks a directory as holding a previous run
 
 
 @dataclass
@@ -44,6 +46,7 @@ class TrainResult:
     world_size: int = 1
     adapter_gather_bytes: int = 0
     base_bytes_per_rank: list = field(default_factory=list)  # frozen-base bytes held by each rank after loading
+    base_bytes_sharded_per_rank: list = field(default_factory=list)  # ... and once the backend has sharded it
     local_rank_per_rank: list = field(default_factory=list)  # each rank's index on its machine
     resumed_from: str | None = None  # the checkpoint this run continued from
     last_checkpoint: str | None = None
@@ -55,10 +58,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- where and how: accelerator first (ZeRO-3 must know its config before weights load) ----
     accelerator = distributed.create_accelerator(cfg)
     backend = distributed.backend_for(accelerator)
+    check_run(cfg, accelerator, logger)  # every check `qwenloop doctor` runs; errors stop here, before anything loads
     backend.configure(cfg)
     _setup_logging(accelerator)
-    _refuse_previous_run(cfg)
-    checkpoint.check_output_dir(cfg.output_dir)
     resume_dir = checkpoint.resolve_resume(cfg)  # a bad resume_from fails here, before anything loads
     from accelerate.utils import set_seed
 
@@ -116,8 +118,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         weight_decay=cfg.weight_decay,
         fused=torch.cuda.is_available() or None,  # fused kernel on GPU, torch's default elsewhere
     )
+    # The planner's prediction for this run (on a GPU: the whole plan, logged), written to run.json next
+    # to what the run really holds and peaks at: every run is a calibration point of `qwenloop plan`.
+    plan = plan_run.training_record(cfg, launch_from_accelerator(accelerator), model.config,
+                                    accelerator.num_processes, model.get_input_embeddings().weight.element_size(),
+                                    on_gpu=torch.cuda.is_available())
+    if "verdict" in plan:
+        logger.info("plan: %s; predicted peak allocated %.2f GiB per GPU", plan["verdict"], plan["peak_allocated"] / 2**30)
     backend.before_prepare(model)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # What each rank holds of the base once the backend has sharded it (FSDP shards at prepare).
+    base_bytes_sharded_per_rank = accelerator.gather(torch.tensor(
+        [distributed.local_param_bytes(model, frozen_only=True)], device=accelerator.device)).tolist()
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
@@ -234,6 +246,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         world_size=accelerator.num_processes,
         adapter_gather_bytes=backend.last_gather_bytes,
         base_bytes_per_rank=base_bytes_per_rank,
+        base_bytes_sharded_per_rank=base_bytes_sharded_per_rank,
         local_rank_per_rank=local_rank_per_rank,
         resumed_from=resume_dir,
         last_checkpoint=checkpoints.last,
@@ -246,6 +259,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         summary["precision"] = backend.mixed_precision
         summary.update(meter.summary())  # train seconds, tokens and target tokens seen, throughput, padding, MFU
         summary["peak_memory_per_rank"] = memory
+        summary["plan"] = plan
         with open(os.path.join(cfg.output_dir, "run.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
     _end(accelerator)
@@ -328,17 +342,6 @@ def _make_scheduler(kind: str, optimizer, warmup: int, total: int):
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
-
-
-def _refuse_previous_run(cfg: TrainConfig) -> None:
-    """Checked before anything is loaded, so a refused run costs nothing and touches nothing.
-    A resume (``resume_from`` set) continues the run that is there."""
-    previous = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
-    if previous and not cfg.overwrite_output_dir and cfg.resume_from is None:
-        raise UserError(
-            f"output_dir: {cfg.output_dir} already holds a previous run ({', '.join(previous)}); choose another "
-            f"output_dir, set resume_from: auto to continue it, or set overwrite_output_dir: true"
-        )
 
 
 def _start_run_files(cfg: TrainConfig, accelerator, resumed_step: int | None = None) -> None:

@@ -23,6 +23,7 @@ Writes, on rank 0: metrics.jsonl (the steps this process ran), run.json, and ada
 
 import argparse
 import json
+import logging
 import os
 import types
 
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from qwenloop import TrainConfig
 from qwenloop.adapter import save_adapter
+from qwenloop.checks import check_run
 from qwenloop.checkpoint import Checkpointer, TrainerState, run_identity
 from qwenloop.cli import exit_process
 from qwenloop.batching import make_dataloader
@@ -116,7 +118,8 @@ def main() -> None:
     set_seed(cfg.seed)
     accelerator = StandInAccelerator(fsdp_plugin_from_launcher_env())
     backend = FSDPBackend(accelerator)
-    backend.configure(cfg)  # as train() does: the repo's yamls must pass its checks
+    check_run(cfg, accelerator, logging.getLogger("qwenloop"))  # as train() does: the repo's yamls must pass its checks
+    backend.configure(cfg)
     version = backend.fsdp_version
     tokenizer = load_tokenizer(cfg)
     data = build_dataset(cfg.train_file, tokenizer, cfg)

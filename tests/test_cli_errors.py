@@ -2,13 +2,12 @@
 nothing already written is touched."""
 
 import importlib.util
+import re
 
 import pytest
 
 from conftest import REPO, base_config, run_cli, write_yaml
 from qwenloop import TrainConfig
-from qwenloop.distributed import check_precision_supported
-from qwenloop.errors import UserError
 
 
 def assert_clean_error(proc, *fragments):
@@ -73,61 +72,81 @@ def test_finetune_example_passes_errors_through(tmp_path):
     assert_clean_error(proc, "config file not found")
 
 
+def registry_errors(cfg, launch, **context) -> list[str]:
+    """The error messages of the pre-flight checks (``qwenloop.checks``: run by train() and qwenloop doctor)."""
+    from qwenloop.checks import CheckContext, run_checks
+
+    return [f.message for f in run_checks(CheckContext(cfg=cfg, launch=launch, **context)) if f.level == "error"]
+
+
+def live_launch(**kw):
+    """A launch as read from a live Accelerator (``LaunchSpec.source == "accelerator"``)."""
+    from qwenloop.launch import LaunchSpec
+
+    return LaunchSpec(**{"source": "accelerator", "backend": "single", "num_processes": 1, "num_machines": 1,
+                         "mixed_precision": "no", "use_cpu": False, **kw})
+
+
+MINIMAL = {"model": "m", "train_file": str(REPO / "examples" / "data" / "demo.jsonl")}
+
+
 def test_bf16_on_a_gpu_without_bf16():
-    with pytest.raises(UserError, match="compute capability 7.0 .*use mixed_precision: fp16"):
-        check_precision_supported("bf16", (7, 0))  # V100
-    check_precision_supported("bf16", (8, 0))  # A100: fine
-    check_precision_supported("fp16", (7, 0))
-    check_precision_supported("bf16", None)  # CPU: accelerate decides
+    cfg = TrainConfig.from_dict(MINIMAL)
+    bf16 = live_launch(mixed_precision="bf16")
+    v100 = registry_errors(cfg, bf16, gpu_capability=(7, 0), live=True)
+    assert any(re.search("compute capability 7.0 .*use mixed_precision: fp16", m) for m in v100), v100
+    assert not any("bf16" in m for m in registry_errors(cfg, bf16, gpu_capability=(8, 0), live=True))  # A100: fine
+    assert not any("bf16" in m for m in registry_errors(cfg, live_launch(mixed_precision="fp16"), gpu_capability=(7, 0)))
+    assert not any("bf16" in m for m in registry_errors(cfg, live_launch(mixed_precision="bf16", use_cpu=True)))  # CPU
 
 
 def test_quantization_without_bitsandbytes(monkeypatch):
-    import torch
-
-    from qwenloop.model import quantization_config
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     for bits in (4, 8):
-        cfg = TrainConfig.from_dict({"model": "m", "train_file": "t", "quantization": {"bits": bits}})
-        with pytest.raises(UserError, match=f"{bits}-bit base weights need bitsandbytes.*pip install 'qwenloop\\[bnb\\]'"):
-            quantization_config(cfg, torch.bfloat16)
+        cfg = TrainConfig.from_dict({**MINIMAL, "quantization": {"bits": bits}})
+        errors = registry_errors(cfg, live_launch())
+        assert any(re.search(f"{bits}-bit base weights need bitsandbytes.*pip install 'qwenloop\\[bnb\\]'", m)
+                   for m in errors), errors
 
 
 def test_8bit_refused_under_sharding_backends():
-    from qwenloop.distributed import DeepSpeedBackend, FSDPBackend
+    cfg = TrainConfig.from_dict({**MINIMAL, "quantization": {"bits": 8}})
+    zero3 = registry_errors(cfg, live_launch(backend="zero3", num_processes=2, ds_config={"zero_optimization": {"stage": 3}},
+                                             zero_stage=3, distributed_type="DEEPSPEED", launched_processes=2))
+    assert any(re.search("8-bit base weights do not work under DeepSpeed ZeRO-3.*bits: 4", m) for m in zero3), zero3
+    fsdp = registry_errors(cfg, live_launch(backend="fsdp2", num_processes=2, fsdp={"version": 2, "use_orig_params": True},
+                                            distributed_type="FSDP", launched_processes=2))
+    assert any("8-bit base weights do not work under FSDP" in m for m in fsdp), fsdp
+    assert not any("8-bit" in m for m in registry_errors(cfg, live_launch(backend="ddp", num_processes=2,
+                                                                          distributed_type="MULTI_GPU", launched_processes=2)))
 
-    ds = DeepSpeedBackend.__new__(DeepSpeedBackend)
-    ds.zero_stage = 3
-    with pytest.raises(UserError, match="8-bit base weights do not work under DeepSpeed ZeRO-3.*bits: 4"):
-        ds.check_quantization(8)
-    ds.check_quantization(4)
-    fsdp = FSDPBackend.__new__(FSDPBackend)
-    with pytest.raises(UserError, match="8-bit base weights do not work under FSDP"):
-        fsdp.check_quantization(8)
+
+def ds_launch(ds_config: dict):
+    return live_launch(backend="zero3", num_processes=2, ds_config=ds_config, zero_stage=3, distributed_type="DEEPSPEED",
+                       launched_processes=2, offload_optimizer="offload_optimizer" in ds_config["zero_optimization"])
 
 
 def test_custom_betas_refused_under_optimizer_offload():
     from qwenloop.distributed import DeepSpeedBackend
 
+    ds_config = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    cfg = TrainConfig.from_dict({**MINIMAL, "adam_betas": [0.9, 0.95]})
+    errors = registry_errors(cfg, ds_launch(ds_config))
+    assert any(re.search(r"adam_betas: \[0.9, 0.95\] would be silently replaced", m) for m in errors), errors
+    assert not any("adam_betas" in m for m in registry_errors(TrainConfig.from_dict(MINIMAL), ds_launch(ds_config)))
     backend = DeepSpeedBackend.__new__(DeepSpeedBackend)
-    backend.ds_config = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
-                         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
-    cfg = TrainConfig.from_dict({"model": "m", "train_file": "t", "adam_betas": [0.9, 0.95]})
-    with pytest.raises(UserError, match=r"adam_betas: \[0.9, 0.95\] would be silently replaced"):
-        backend.configure(cfg)
-    backend.configure(TrainConfig.from_dict({"model": "m", "train_file": "t"}))  # defaults are fine
-    assert backend.ds_config["gradient_clipping"] == 1.0
+    backend.ds_config = ds_config
+    backend.configure(TrainConfig.from_dict(MINIMAL))  # configure fills the "auto" entries from the training config
+    assert backend.ds_config["gradient_clipping"] == 1.0 and backend.ds_config["gradient_accumulation_steps"] == 1
 
 
 def test_deepspeed_json_that_contradicts_the_training_config():
-    from qwenloop.distributed import DeepSpeedBackend
-
-    backend = DeepSpeedBackend.__new__(DeepSpeedBackend)
-    backend.ds_config = {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 4}
-    cfg = TrainConfig.from_dict({"model": "m", "train_file": "t", "gradient_accumulation_steps": 2})
-    with pytest.raises(UserError, match='gradient_accumulation_steps is 4 but the training config says 2.*"auto"'):
-        backend.configure(cfg)
+    ds_config = {"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 4}
+    cfg = TrainConfig.from_dict({**MINIMAL, "gradient_accumulation_steps": 2})
+    errors = registry_errors(cfg, ds_launch(ds_config))
+    assert any(re.search('gradient_accumulation_steps is 4 but the training config says 2.*"auto"', m) for m in errors), errors
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -135,19 +154,19 @@ def test_deepspeed_json_that_contradicts_the_training_config():
     (dict(fsdp_version=2, activation_checkpointing=True), "fsdp_activation_checkpointing is true and the training config's gradient_checkpointing"),
 ])
 def test_fsdp_settings_that_break_lora_are_refused(settings, message):
-    """accelerate's own FSDP plugin with the setting at fault; the fixed setting passes."""
+    """accelerate's own FSDP plugin with the setting at fault, read as train() reads it; the fixed setting passes."""
     from types import SimpleNamespace
 
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from qwenloop.distributed import FSDPBackend
+    from qwenloop.launch import launch_from_accelerator
 
-    def backend(**kw):
+    def launch(**kw):
         plugin = FullyShardedDataParallelPlugin(**kw)
-        return FSDPBackend(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="bf16", num_processes=2))
+        return launch_from_accelerator(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="bf16",
+                                                       num_processes=2, device="cuda"))
 
-    cfg = TrainConfig.from_dict({"model": "m", "train_file": "t"})  # gradient_checkpointing: true by default
-    with pytest.raises(UserError, match=message):
-        backend(**settings).configure(cfg)
+    cfg = TrainConfig.from_dict(MINIMAL)  # gradient_checkpointing: true by default
+    assert any(message in m for m in registry_errors(cfg, launch(**settings))), registry_errors(cfg, launch(**settings))
     fixed = {**settings, **{k: not v for k, v in settings.items() if isinstance(v, bool)}}
-    backend(**fixed).configure(cfg)
+    assert registry_errors(cfg, launch(**fixed)) == []

@@ -43,7 +43,8 @@ def test_yaml_and_overrides(tmp_path):
         (MINIMAL, ["--peak_tflops", "0"], r"peak_tflops: must be > 0"),
         (MINIMAL, ["--attn_implementation", "flash"], r"attn_implementation: 'flash' is not one of"),
         (MINIMAL, ["--packing", "true", "--attn_implementation", "flash_attention_2", "--micro_batch_size", "2"],
-         r"micro_batch_size: is 2, but packing with flash_attention_2 needs one row per micro-batch"),
+         r"micro_batch_size: is 2, but packing with attn_implementation='flash_attention_2' and 2 rows per micro-batch "
+         r"would let examples attend to each other .*set micro_batch_size: 1"),
     ],
 )
 def test_bad_config_is_one_clear_line(raw, overrides, message):

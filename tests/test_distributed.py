@@ -36,7 +36,7 @@ class Runs(dict):
     def __missing__(self, name):
         out = self.root / name
         launcher, _, variant = name.partition("+")  # "zero3+packing": the zero3 launch of a packed run
-        extra = {"packing": True, "max_seq_len": 64} if variant == "packing" else {}
+        extra = {"packing": {"packing": True, "max_seq_len": 64}, "qlora": {"quantization": {"bits": 4}}}.get(variant, {})
         if launcher == "single":
             train_in_process(base_config(self.tiny_model, self.train_jsonl, out, micro_batch_size=4, **STEPS, **extra))
         else:
@@ -109,3 +109,22 @@ def test_zero3_loads_the_base_partitioned(runs, name):
     assert len(per_rank) == 2
     for held in per_rank:
         assert abs(held - whole / 2) <= 0.02 * whole, (per_rank, whole)  # partitions pad to a multiple of 2
+
+
+@pytest.mark.parametrize("name", ["single", "ddp", "zero3", OFFLOAD, "single+qlora", "zero3+qlora"])
+def test_plan_predicts_the_base_bytes_each_rank_holds(runs, name):
+    """run.json: the planner's base term (from config.json alone, in train()) equals the bytes every rank
+    really holds once the backend has placed the base (ZeRO-3: zero.Init's padded partitions)."""
+    info = run_info(runs[name])
+    predicted = info["plan"]["base_param_bytes_per_rank"]
+    assert info["base_bytes_sharded_per_rank"] == [predicted] * info["world_size"]
+    whole = run_info(runs["single+qlora" if "qlora" in name else "single"])["plan"]["base_param_bytes_per_rank"]
+    if name.startswith("zero3"):  # half of the whole base each (fp32 here on the CPU, or NF4 packed into it)
+        assert predicted < 0.6 * whole
+
+
+def test_qlora_under_zero3_matches_single_process(runs):
+    """A 4-bit base (NF4 packed into the compute dtype) partitioned by zero.Init trains like one process."""
+    single, multi = train_losses(runs["single+qlora"]), train_losses(runs["zero3+qlora"])
+    assert len(multi) == 4 and multi == pytest.approx(single, rel=1e-5)
+    assert_adapters_close(runs["zero3+qlora"] / "adapter", runs["single+qlora"] / "adapter", rel=1e-5)

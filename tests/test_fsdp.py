@@ -98,6 +98,7 @@ def test_fsdp_matches_single_process(runs, tiny_model, accelerate_yaml):
     base = model_file_bytes(tiny_model)  # the frozen base, as read from the checkpoint
     half = info["base_bytes_after_prepare"][0]
     assert info["base_bytes_after_prepare"] == [half, half] and abs(2 * half - base) <= 0.01 * base
+    assert half == planned_base_bytes(tiny_model, accelerate_yaml, "none")  # qwenloop plan's base term, exactly
     if accelerate_yaml == "fsdp.yaml":
         # fsdp_cpu_ram_efficient_loading: rank 1 read nothing (meta) and got its shard from rank 0 at prepare.
         assert info["base_bytes_after_load"] == [base, 0]
@@ -135,6 +136,19 @@ def test_qlora_under_fsdp(runs, tiny_model, accelerate_yaml):
     loaded_4bit = info["base_bytes_after_load"][0]
     assert loaded_4bit < 0.6 * model_file_bytes(tiny_model)  # quantized (embeddings and norms stay fp32)
     assert info["base_bytes_after_prepare"] == [loaded_4bit // 2, loaded_4bit // 2]  # the 4-bit weights are sharded
+    assert loaded_4bit // 2 == planned_base_bytes(tiny_model, accelerate_yaml, "nf4")  # the plan's NF4 shard, exactly
+
+
+def planned_base_bytes(model_dir: str, accelerate_yaml: str, quant: str) -> int:
+    """What ``qwenloop plan`` predicts one of 2 ranks holds of the base under this yaml's FSDP (fp32 runs:
+    4-byte base, NF4 packed into fp32 storage), from the model's config.json alone."""
+    from qwenloop.launch import read_launch_config
+    from qwenloop.plan import states
+    from qwenloop.plan.run import planned_backend
+    from qwenloop.plan.shapes import spec_from_config
+
+    backend = planned_backend(read_launch_config(REPO / "accelerate_configs" / accelerate_yaml))
+    return states.base_bytes_per_rank(spec_from_config(model_dir), backend, 2, 4, quant, include_quant_state=False)
 
 
 def test_packed_rows_under_fsdp2(runs, tiny_model):

@@ -1,7 +1,7 @@
 """The planner behind ``qwenloop plan``: will a run fit, and how long will it take? (issue 9)
 
-Pure arithmetic on shapes and datasheet numbers: nothing here imports the training code (``train``,
-``model``, ``distributed``, ``data``), torch or transformers, so a plan is instant on any laptop.
+Pure arithmetic on shapes and datasheet numbers: the planning modules import neither the training code
+(``train``, ``model``, ``distributed``, ``data``) nor torch or transformers.
 
 * ``shapes``: ``ModelSpec``, the numbers of a dense decoder (Qwen2 / Qwen2.5 / Qwen3 or Llama-style),
   the ``PRESETS`` of every dense Qwen2, Qwen2.5 and Qwen3 size, and ``spec_from_config`` /
@@ -17,8 +17,20 @@ Pure arithmetic on shapes and datasheet numbers: nothing here imports the traini
   LoRA adapter's weights, gradients and optimizer state; equal to DeepSpeed's own estimator for full
   training, and to the bytes real (tiny) models hold.
 
-Not yet here (issue 9): the gathered-layer / prefetch buffers, the verdict and search, the time model,
-and the ``qwenloop plan`` / ``doctor`` commands.
+* ``buffers``: what ZeRO-3 (its module trace replayed with DeepSpeed's release, prefetch and persistence
+  rules) and FSDP (root unit, units in flight) gather on each GPU, DeepSpeed's reduce bucket, and the
+  fixed costs outside the tensors (CUDA context, communicators, allocator slack).
+* ``timing``: step time and time per epoch from the FLOPs model of ``qwenloop.flops``, the GPU's rate,
+  all-gathers and host transfers.
+* ``estimate``: ``PlanRequest`` (the question, typed) -> ``Plan`` (terms per GPU and per node, verdict, time).
+* ``advice``: the changes that make a plan fit, ranked by their cost in step time; the largest
+  micro-batch / sequence that fits.
+* ``run``: a plan from the files a run is launched with (training config + ``qwenloop.launch.LaunchSpec``),
+  and the record ``train()`` writes to ``run.json`` beside the measured peaks.
+* ``cli``: ``qwenloop plan``.
+
+Everything but ``run`` and ``cli`` is pure arithmetic (``tests/test_plan_estimate.py`` checks the imports);
+``docs/memory-model.md`` documents every term.
 """
 
 from .gpus import GPU_PRESETS, GPUSpec, custom_gpu, resolve_gpu

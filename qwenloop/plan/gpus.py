@@ -9,7 +9,8 @@ preset's device name, so a plan's time and a run's MFU share one source of truth
 * ``bf16``: compute capability >= 8.0 (Ampere and later). A V100 trains in fp16 or fp32 only.
 * ``host_link_gbps``: effective host <-> device copy rate of one GPU, in GB/s: PCIe gen3 x16 ~12,
   gen4 ~25, gen5 ~50 (what CPU offload and loading weights move at). SXM V100 hosts are gen3.
-* ``nvlink``: the GPU-to-GPU link, in words (the planner's multi-GPU terms may use it later).
+* ``nvlink``: the GPU-to-GPU link, in words; ``timing`` takes an all-gather over an NVLink switch (SXM)
+  at NVLink speed, and over PCIe or a pairwise NVLink bridge at half the host link.
 """
 
 from __future__ import annotations
