@@ -20,18 +20,12 @@ Atomicity: everything is written into ``checkpoints/.tmp-step-NNNNNNN``, fsynced
 checkpoints only once the new one is complete. A failed write (disk full, unwritable directory)
 removes the temporary directory, leaves every earlier checkpoint as it was, and raises ``UserError``.
 
-Test-only fault injection (never set it in real runs): ``QWENLOOP_FAULT`` holds comma-separated
-entries, ``STEP`` being an optimizer step (1-based) or ``A-B`` / ``A-`` (a range):
-
-    kill_during_checkpoint:STEP    SIGKILL this process half-way through writing the checkpoint of STEP
-    disk_full:STEP                 the checkpoint of STEP fails with ENOSPC while its files are written
-    nan_loss:RANK:STEP             the loss of rank RANK is NaN in step STEP
-    sigterm:RANK:STEP              rank RANK sends itself SIGTERM at the end of step STEP
+Files are written through ``storage`` (fsynced; ``weights_only`` loads); the test-only fault hooks
+(``QWENLOOP_FAULT``) are in ``faults``, preemption signals in ``signals``.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import logging
@@ -44,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import faults, storage
 from .errors import RunStopped, UserError, exit_code_for_signal
 
 logger = logging.getLogger("qwenloop")
@@ -53,53 +48,6 @@ MARKER = "COMPLETE"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------
-# files
-# --------------------------------------------------------------------------------------------
-
-
-def save_torch(obj, path: str) -> None:
-    """``torch.save`` to ``path``, flushed to disk (fsync) before returning."""
-    _fault_disk_full(path)
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def load_torch(path: str):
-    """``torch.load`` restricted to tensors and plain containers: never arbitrary pickled objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _write_text(path: str, text: str) -> None:
-    _fault_disk_full(path)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_tree(root: str) -> None:
-    """fsync every file and directory under ``root`` (files written by other ranks or libraries too)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,11 +303,11 @@ class Checkpointer:
         final = os.path.join(self.root, checkpoint_name(state.step))
         tmp = os.path.join(self.root, TMP_PREFIX + checkpoint_name(state.step))
         started = time.perf_counter()
-        _current_save_step[0] = state.step
+        faults.current_save_step[0] = state.step
         try:
             return self._save(state, final, tmp, started)
         finally:
-            _current_save_step[0] = 0
+            faults.current_save_step[0] = 0
 
     def _save(self, state: TrainerState, final: str, tmp: str, started: float) -> str:
         acc = self.accelerator
@@ -372,10 +320,10 @@ class Checkpointer:
         adapter = self.backend.adapter_state_dict(self.model)
         error = _attempt(lambda: self.backend.save_optimizer_state(self.model, self.optimizer, os.path.join(tmp, "optimizer")))
         if error is None:
-            error = _attempt(lambda: save_torch(rng_state(), os.path.join(tmp, "rng", f"rank-{acc.process_index:05d}.pt")))
+            error = _attempt(lambda: storage.save_torch(rng_state(), os.path.join(tmp, "rng", f"rank-{acc.process_index:05d}.pt")))
         if error is None and acc.is_main_process:
             error = _attempt(lambda: self._write_main_files(tmp, adapter, state))
-        _fault_kill_during_checkpoint(state.step)
+        faults.kill_during_checkpoint(state.step)
         self._agree_or_raise(error, tmp)
 
         if acc.is_main_process:
@@ -400,15 +348,15 @@ class Checkpointer:
         from .model import expected_adapter_shapes
 
         peft_model = self.accelerator.unwrap_model(self.model)
-        _fault_disk_full(os.path.join(tmp, "adapter"))
+        faults.disk_full(os.path.join(tmp, "adapter"))
         write_peft_adapter(peft_model, adapter, os.path.join(tmp, "adapter"))
         verify_adapter(os.path.join(tmp, "adapter"), expected_adapter_shapes(peft_model))
-        save_torch(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        _write_text(os.path.join(tmp, STATE_FILE), json.dumps({"format": FORMAT_VERSION, **asdict(state)}, indent=1))
-        _write_text(os.path.join(tmp, "config.yaml"), yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        storage.save_torch(self.scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+        storage.write_text(os.path.join(tmp, STATE_FILE), json.dumps({"format": FORMAT_VERSION, **asdict(state)}, indent=1))
+        storage.write_text(os.path.join(tmp, "config.yaml"), yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def _publish(self, tmp: str, final: str, step: int) -> None:
-        _fsync_tree(tmp)
+        storage.fsync_tree(tmp)
         if os.path.exists(final):  # e.g. written by an earlier attempt that this run resumed before
             old = os.path.join(self.root, f"{TMP_PREFIX}old-{checkpoint_name(step)}")
             shutil.rmtree(old, ignore_errors=True)
@@ -417,9 +365,9 @@ class Checkpointer:
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
-        _write_text(os.path.join(final, MARKER), json.dumps({"step": step, "time": time.time()}) + "\n")
-        _fsync_dir(final)
+        storage.fsync_dir(self.root)
+        storage.write_text(os.path.join(final, MARKER), json.dumps({"step": step, "time": time.time()}) + "\n")
+        storage.fsync_dir(final)
 
     def _agree_or_raise(self, error: str | None, tmp: str) -> None:
         """Every rank learns whether any rank failed; all raise the same clear error, the temporary
@@ -450,13 +398,13 @@ class Checkpointer:
         tensors = self._read_adapter(path)
         self.backend.load_adapter_weights(self.model, tensors)
         self.backend.load_optimizer_state(self.model, self.optimizer, os.path.join(path, "optimizer"))
-        self.scheduler.load_state_dict(load_torch(os.path.join(path, "scheduler.pt")))
+        self.scheduler.load_state_dict(storage.load_torch(os.path.join(path, "scheduler.pt")))
         # accelerate counts micro-batches for its accumulation boundary; windows always hold exactly
         # gradient_accumulation_steps of them, so the count is a multiple of it at every step boundary.
         acc.step = state.step * self.cfg.gradient_accumulation_steps
         rng_file = os.path.join(path, "rng", f"rank-{acc.process_index:05d}.pt")
         if os.path.isfile(rng_file):
-            set_rng_state(load_torch(rng_file))
+            set_rng_state(storage.load_torch(rng_file))
         else:  # another world size, forced: the ranks beyond the saved ones keep the seeded state
             logger.warning("no RNG state for rank %d in %s", acc.process_index, path)
         self.last = path
@@ -472,7 +420,6 @@ class Checkpointer:
         from safetensors.torch import load_file
 
         from .adapter import ADAPTER_FILE
-        from .distributed import strip_wrapper_prefixes
         from .model import expected_adapter_shapes
 
         peft_model = self.accelerator.unwrap_model(self.model)
@@ -486,7 +433,7 @@ class Checkpointer:
         tensors = {}
         for name, p in peft_model.named_parameters():
             if p.requires_grad:
-                name = strip_wrapper_prefixes(name)
+                name = storage.strip_wrapper_prefixes(name)
                 tensors[name] = saved[name.replace(marker, ".")]
         return tensors
 
@@ -535,96 +482,3 @@ def _attempt(action) -> str | None:
         return None
     except OSError as e:
         return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
-
-
-# --------------------------------------------------------------------------------------------
-# preemption
-# --------------------------------------------------------------------------------------------
-
-
-class StopSignals:
-    """SIGTERM / SIGINT set a flag; ``agreed`` (collective, at a step boundary) tells every rank
-    whether any rank got one. A second signal of the same kind gets the default behaviour."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-        return False
-
-    def _handle(self, signum, frame):
-        if self.received == signum:  # asked twice: stop now, the default way
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            os.kill(os.getpid(), signum)
-            return
-        self.received = signum
-        logger.warning("%s received: stopping after this step with a checkpoint", signal.Signals(signum).name)
-
-    def agreed(self, accelerator, step: int) -> int | None:
-        """The signal number any rank received (the largest, if several), else None. Collective."""
-        for rank in _fault_ranks("sigterm", step):
-            if rank == accelerator.process_index:
-                os.kill(os.getpid(), signal.SIGTERM)
-        mine = float(self.received or 0)
-        agreed = int(accelerator.reduce(torch.tensor([mine], device=accelerator.device), "max").item())
-        return agreed or None
-
-
-# --------------------------------------------------------------------------------------------
-# test-only fault injection (QWENLOOP_FAULT)
-# --------------------------------------------------------------------------------------------
-
-
-def _faults() -> list[list[str]]:
-    spec = os.environ.get("QWENLOOP_FAULT", "").strip()
-    return [entry.strip().split(":") for entry in spec.split(",") if entry.strip()]
-
-
-def _step_matches(text: str, step: int) -> bool:
-    if "-" in text:
-        low, high = text.split("-", 1)
-        return int(low) <= step and (not high or step <= int(high))
-    return int(text) == step
-
-
-def _fault_ranks(kind: str, step: int) -> list[int]:
-    return [int(f[1]) for f in _faults() if f[0] == kind and len(f) == 3 and _step_matches(f[2], step)]
-
-
-def _fault_at(kind: str, step: int) -> bool:
-    return any(f[0] == kind and len(f) == 2 and _step_matches(f[1], step) for f in _faults())
-
-
-_current_save_step: list[int] = [0]
-
-
-def _fault_disk_full(path: str) -> None:
-    if _fault_at("disk_full", _current_save_step[0]):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-
-
-def _fault_kill_during_checkpoint(step: int) -> None:
-    if _fault_at("kill_during_checkpoint", step):
-        logger.warning("QWENLOOP_FAULT: SIGKILL in the middle of writing the checkpoint of step %d", step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def poison_loss(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
-    """Test-only: the loss of ``rank`` becomes NaN in ``step`` when QWENLOOP_FAULT asks for it."""
-    if rank in _fault_ranks("nan_loss", step):
-        return loss * float("nan")
-    return loss

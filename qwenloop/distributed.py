@@ -13,6 +13,7 @@ import logging
 import os
 import torch
 
+from . import storage
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -125,19 +126,17 @@ class Backend:
         """Write the optimizer (and fp16 GradScaler) state into ``directory``. Collective: every rank
         calls it; collectives come first, file writes last (a failing write cannot hang the others).
         DDP/single: every rank holds the same state, the main process writes it."""
-        from .checkpoint import save_torch
         if not self.accelerator.is_main_process:
             return
-        save_torch(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        storage.save_torch(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         if self.accelerator.scaler is not None:
-            save_torch(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+            storage.save_torch(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
 
     def load_optimizer_state(self, model, optimizer, directory: str) -> None:
         """Restore what ``save_optimizer_state`` wrote (files read with ``weights_only=True``)."""
-        from .checkpoint import load_torch
-        optimizer.load_state_dict(load_torch(os.path.join(directory, "optimizer.pt")))
+        optimizer.load_state_dict(storage.load_torch(os.path.join(directory, "optimizer.pt")))
         if self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(load_torch(os.path.join(directory, "scaler.pt")))
+            self.accelerator.scaler.load_state_dict(storage.load_torch(os.path.join(directory, "scaler.pt")))
 
     def load_adapter_weights(self, model, tensors: dict[str, torch.Tensor]) -> None:
         """Copy full adapter tensors (names as in ``adapter_state_dict``) into the trainable parameters."""
@@ -145,7 +144,7 @@ class Backend:
         with torch.no_grad():
             for name, p in unwrapped.named_parameters():
                 if p.requires_grad:
-                    p.copy_(tensors[strip_wrapper_prefixes(name)].to(device=p.device, dtype=p.dtype))
+                    p.copy_(tensors[storage.strip_wrapper_prefixes(name)].to(device=p.device, dtype=p.dtype))
 
     def optimizer_step(self, model, optimizer, finite: bool) -> None:
         """Step at the end of an accumulation window, unless every rank agreed the step is non-finite.
@@ -169,7 +168,7 @@ class Backend:
         grads = [g.to_local() if hasattr(g, "to_local") else g for _, g in named]
         norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
         finite = torch.isfinite(torch.stack(norms)).tolist()
-        return [strip_wrapper_prefixes(n) for (n, _), ok in zip(named, finite) if not ok][:limit]
+        return [storage.strip_wrapper_prefixes(n) for (n, _), ok in zip(named, finite) if not ok][:limit]
 
 
 class DeepSpeedBackend(Backend):
@@ -224,7 +223,6 @@ class DeepSpeedBackend(Backend):
     _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 
     def save_optimizer_state(self, model, optimizer, directory: str) -> None:
-        from .checkpoint import save_torch
         if self.zero_stage != 3:
             return self._save_engine_free_state(model, directory)
         state = dict(model.optimizer.state_dict())
@@ -233,10 +231,9 @@ class DeepSpeedBackend(Backend):
         state["loss_scaler"] = {k: v for k, v in vars(state["loss_scaler"]).items() if isinstance(v, plain)}
         state["engine"] = {k: int(getattr(model, k, 0)) for k in self._ENGINE_COUNTERS}
         state["world_size"] = self.accelerator.num_processes
-        save_torch(state, os.path.join(directory, self._ZERO_FILE.format(rank=self.accelerator.process_index)))
+        storage.save_torch(state, os.path.join(directory, self._ZERO_FILE.format(rank=self.accelerator.process_index)))
 
     def load_optimizer_state(self, model, optimizer, directory: str) -> None:
-        from .checkpoint import load_torch
         if self.zero_stage != 3:
             return self._load_engine_free_state(model, directory)
         path = os.path.join(directory, self._ZERO_FILE.format(rank=self.accelerator.process_index))
@@ -245,7 +242,7 @@ class DeepSpeedBackend(Backend):
                 f"resume_from: {directory} holds no ZeRO-3 optimizer partition for rank {self.accelerator.process_index} "
                 f"(written with another number of processes?); resume with the world size it was written with"
             )
-        state = load_torch(path)
+        state = storage.load_torch(path)
         zero = model.optimizer
         zero.loss_scaler.__dict__.update(state.pop("loss_scaler"))
         state["loss_scaler"] = zero.loss_scaler
@@ -328,7 +325,6 @@ class FSDPBackend(Backend):
     # Adapter-only: the optimizer holds the LoRA parameters only, so its *full* state is small; it is
     # gathered once and written by the main process (``torch.distributed.checkpoint.state_dict``).
     def save_optimizer_state(self, model, optimizer, directory: str) -> None:
-        from .checkpoint import save_torch
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         inner = getattr(optimizer, "optimizer", optimizer)
@@ -337,19 +333,18 @@ class FSDPBackend(Backend):
         offload = torch.device(self.accelerator.device).type != "cpu"
         state = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
         if self.accelerator.is_main_process:
-            save_torch(state, os.path.join(directory, "optimizer.pt"))
+            storage.save_torch(state, os.path.join(directory, "optimizer.pt"))
             if self.accelerator.scaler is not None:
-                save_torch(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+                storage.save_torch(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
 
     def load_optimizer_state(self, model, optimizer, directory: str) -> None:
-        from .checkpoint import load_torch
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         inner = getattr(optimizer, "optimizer", optimizer)
-        state = load_torch(os.path.join(directory, "optimizer.pt"))
+        state = storage.load_torch(os.path.join(directory, "optimizer.pt"))
         set_optimizer_state_dict(model, inner, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
         if self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(load_torch(os.path.join(directory, "scaler.pt")))
+            self.accelerator.scaler.load_state_dict(storage.load_torch(os.path.join(directory, "scaler.pt")))
 
     def load_adapter_weights(self, model, tensors) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -383,7 +378,7 @@ def gather_fsdp_adapter(model, backend=None) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    names = [strip_wrapper_prefixes(n) for n, _ in named]
+    names = [storage.strip_wrapper_prefixes(n) for n, _ in named]
     if any(isinstance(p, DTensor) for _, p in named):
         state, gathered = {}, 0
         for name, (_, p) in zip(names, named):
@@ -415,7 +410,7 @@ def _gather_fsdp1_trainable_units(model, backend=None) -> dict[str, torch.Tensor
                     continue
                 full = param.detach().to("cpu", copy=True)
                 gathered += full.numel() * full.element_size()
-                state[strip_wrapper_prefixes(f"{prefix}.{fqn}" if prefix else fqn)] = full
+                state[storage.strip_wrapper_prefixes(f"{prefix}.{fqn}" if prefix else fqn)] = full
     if backend is not None:
         backend.last_gather_bytes = gathered
     return state
@@ -425,11 +420,3 @@ def _get_attr(module, dotted: str):
     for part in dotted.split("."):
         module = getattr(module, part)
     return module
-
-
-def strip_wrapper_prefixes(name: str) -> str:
-    """Parameter/module name as in the plain model, without FSDP / checkpoint / compile / DDP wrappers."""
-    parts = [p for p in name.split(".") if p not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")]
-    if parts and parts[0] == "module":  # DDP
-        parts = parts[1:]
-    return ".".join(parts)

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from .data import ensure_chat_template
-from .distributed import strip_wrapper_prefixes
+from .storage import strip_wrapper_prefixes
 from .errors import UserError
 from .loss import install_target_loss_head
 

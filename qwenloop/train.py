@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, faults
 from . import batching as batching_lib
 from . import data as data_lib
 from . import distributed, model as model_lib
@@ -30,6 +30,7 @@ from .plan import run as plan_run
 from .loss import batch_loss_sum, find_target_loss_head
 from .metrics import COUNTED, StepMeter, peak_memory
 from .sentinel import NonFiniteSentinel
+from .signals import StopSignals
 
 logger = logging.getLogger("qwenloop")
 
@@ -168,7 +169,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     meter = StepMeter(accelerator, accelerator.unwrap_model(model), cfg, backend.mixed_precision, state)
     losses: list[float] = []
     model.train()
-    with checkpoint.StopSignals() as signals, progress:  # the bar is closed however the loop ends
+    with StopSignals() as signals, progress:  # the bar is closed however the loop ends
         try:
             while state.step < total_steps:
                 # Mid-epoch after a resume: the micro-batches already consumed are skipped, not loaded.
@@ -294,7 +295,7 @@ def _optimizer_step(model, window, optimizer, accelerator, backend, sentinel, he
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 loss_sum = batch_loss_sum(model, batch, head)
-            loss_sum = checkpoint.poison_loss(loss_sum, accelerator.process_index, step)  # test-only hook
+            loss_sum = faults.poison_loss(loss_sum, accelerator.process_index, step)  # test-only hook
             accelerator.backward(loss_sum * loss_scale)
             step_loss_sum += loss_sum.detach().float()
             if accelerator.sync_gradients:

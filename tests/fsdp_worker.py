@@ -113,6 +113,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = TrainConfig.from_yaml(args.config)
+    cfg.resume_from = args.resume  # what `--resume_from PATH` does for `qwenloop train` (the checks read it)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)

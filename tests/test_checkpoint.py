@@ -14,7 +14,7 @@ import torch
 
 from conftest import base_config, load_adapter_tensors, reset_accelerate_state, run_cli, write_yaml
 from qwenloop import TrainConfig, train
-from qwenloop import checkpoint as ckpt
+from qwenloop import checkpoint as ckpt, faults, storage
 from qwenloop.errors import UserError
 
 
@@ -73,7 +73,7 @@ def test_resolve_resume(tmp_path):
 def test_rng_state_round_trip_with_weights_only(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.random(), np.random.rand(), torch.rand(2)
-    ckpt.save_torch(ckpt.rng_state(), str(tmp_path / "rng.pt"))
+    storage.save_torch(ckpt.rng_state(), str(tmp_path / "rng.pt"))
     want = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
@@ -82,14 +82,14 @@ def test_rng_state_round_trip_with_weights_only(tmp_path):
 
 
 def test_fault_spec_steps(monkeypatch):
-    assert ckpt._step_matches("3", 3) and not ckpt._step_matches("3", 4)
-    assert ckpt._step_matches("5-", 9) and not ckpt._step_matches("5-", 4)
-    assert ckpt._step_matches("2-4", 4) and not ckpt._step_matches("2-4", 5)
+    assert faults.step_matches("3", 3) and not faults.step_matches("3", 4)
+    assert faults.step_matches("5-", 9) and not faults.step_matches("5-", 4)
+    assert faults.step_matches("2-4", 4) and not faults.step_matches("2-4", 5)
     monkeypatch.setenv("QWENLOOP_FAULT", "nan_loss:1:3,sigterm:0:2-")
-    assert ckpt._fault_ranks("nan_loss", 3) == [1] and ckpt._fault_ranks("nan_loss", 4) == []
-    assert ckpt._fault_ranks("sigterm", 7) == [0]
+    assert faults.fault_ranks("nan_loss", 3) == [1] and faults.fault_ranks("nan_loss", 4) == []
+    assert faults.fault_ranks("sigterm", 7) == [0]
     loss = torch.tensor(2.0)
-    assert torch.isnan(ckpt.poison_loss(loss, 1, 3)) and ckpt.poison_loss(loss, 0, 3) == 2.0
+    assert torch.isnan(faults.poison_loss(loss, 1, 3)) and faults.poison_loss(loss, 0, 3) == 2.0
 
 
 # ---- one real single-process run with checkpoints ------------------------------------------------
