@@ -14,11 +14,13 @@ from qwenloop.cli import exit_process, main as qwenloop_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(HERE, "configs", "demo.yaml")
+PROMPTS = ["What is the capital of France?", "Repeat twice: red blue"]
 
 
 def demo() -> int:
-    """Build the tiny model once, train on the bundled data, show generations before and after."""
+    """Build the tiny model once, train on the bundled data, show answers before and after."""
     from qwenloop import TrainConfig, UserError, train
+    from qwenloop.generate import generate
     from qwenloop.tiny import ensure_tiny_model
 
     try:
@@ -27,33 +29,19 @@ def demo() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ensure_tiny_model(cfg.model)
-    prompts = ["What is the capital of France?", "Repeat twice: red blue"]
-    before = [generate(cfg.model, None, [{"role": "user", "content": p}]) for p in prompts]
     result = train(cfg)
     if result.adapter_dir is None:  # not the main process
         return 0
-    after = [generate(cfg.model, result.adapter_dir, [{"role": "user", "content": p}]) for p in prompts]
+    # One load, the adapter switched off for the "before" answer: greedy, so the same every run.
+    answers = generate(cfg.model, PROMPTS, result.adapter_dir, compare=True, max_new_tokens=24)
     print(f"\nloss: {result.losses[0]:.3f} at step 1 -> {result.losses[-1]:.3f} at step {result.steps}")
     print(f"adapter: {result.adapter_dir}")
     print(f"metrics: {os.path.join(result.output_dir, 'metrics.jsonl')}")
-    for prompt, old, new in zip(prompts, before, after):
-        print(f"prompt: {prompt!r}\n  before training: {old!r}\n  after training:  {new!r}")
+    for answer in answers:
+        print(f"prompt: {answer.prompt!r}\n  before training: {answer.base!r}\n  after training:  {answer.adapted!r}")
+    print(f"\nmore: qwenloop generate --model {cfg.model} --adapter {result.adapter_dir} --compare   (a chat)\n"
+          f"      qwenloop merge --model {cfg.model} --adapter {result.adapter_dir} --out outputs/demo-merged")
     return 0
-
-
-def generate(model_dir: str, adapter_dir, messages, max_new_tokens: int = 24) -> str:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if adapter_dir:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``qwenloop`` command line: ``train CONFIG.yaml [--key value ...]`` and ``tiny-model DIR``.
+"""``qwenloop`` command line: ``train``, and the tools around a run (``plan``, ``doctor``, ``data`` before it; ``plot``,
+``compare``, ``generate``, ``merge`` after it), each subcommand's module owning its arguments.
 
 ``qwenloop train`` runs in the current process (single process, or one rank when started by
 ``accelerate launch -m qwenloop train``). Bad input ends with ``error: <one line>`` and exit code 2.
@@ -15,8 +16,17 @@ USAGE = """usage: qwenloop train CONFIG.yaml [--key value ...]     fine-tune (e.
        qwenloop plan (--model NAME|DIR --gpu NAME ... | --config my.yaml --accelerate-config X.yaml)   will it fit, how long
        qwenloop doctor --config my.yaml [--accelerate-config X.yaml] [--gpu NAME] [--key value ...]
                                                          every contradiction and risk of a launch, before it loads (exit 2: it would stop)
+       qwenloop data FILE [--config my.yaml] [--key value ...] [--sample N] [--max-errors N] [--json]
+                                                         every bad record at once, token statistics, a masked sample (no model load; exit 2: training would refuse it)
+       qwenloop plot RUN_DIR                             curves.png (loss, lr, tokens/s, grad norm, fp16 loss scale)
+       qwenloop compare RUN_DIR RUN_DIR ...              the same job under several backends, side by side
+       qwenloop generate --model PATH [--adapter PATH] (--prompt TEXT | --file prompts.jsonl) [--compare]
+       qwenloop merge --model PATH --adapter PATH --out PATH [--dtype bf16|fp16|fp32]   LoRA merged, shard by shard
        qwenloop tiny-model DIR                           write the tiny Qwen2 model + tokenizer used by the demo/tests
        qwenloop config-reference                         print every training-config key as a Markdown table"""
+
+
+AFTER_TRAINING = {"plot": "report", "compare": "compare", "generate": "generate", "merge": "merge"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One write per line: the ranks of a launch share stderr, and print()'s separate newline let two
+        # ranks' lines run into one (a write under PIPE_BUF bytes is atomic).
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return EXIT_USAGE
     except RunStopped as e:  # preempted (SIGTERM/SIGINT) or stopped by the NaN sentinel: a report, no traceback
         print(f"stopped: {e}", file=sys.stderr)
@@ -63,12 +76,20 @@ def _dispatch(argv: list[str]) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(rest)
+    if command == "data":  # qwenloop data: the data checks and statistics of training, without a model
+        from .datacli import main as data_main
+
+        return data_main(rest)
+    if command in AFTER_TRAINING:  # qwenloop plot / compare / generate / merge: each module owns its arguments
+        import importlib
+
+        return importlib.import_module(f".{AFTER_TRAINING[command]}", __package__).main(rest)
     if command == "config-reference":
         from .config import field_docs
 
         print(config_reference_markdown(field_docs()))
         return 0
-    raise UserError(f"unknown command {command!r}; use train, plan, doctor, tiny-model or config-reference")
+    raise UserError(f"unknown command {command!r}; use train, plan, doctor, data, plot, compare, generate, merge, tiny-model or config-reference")
 
 
 def config_reference_markdown(rows) -> str:

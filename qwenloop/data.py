@@ -1,20 +1,16 @@
-"""Training data: load, normalise to chat messages, tokenize with the chat template, mask, collate.
+"""Training data: tokenize conversations with the chat template, mask, build the dataset, collate.
 
-Files: JSONL / JSON / parquet, or a directory written by ``Dataset.save_to_disk``. Formats:
-
-* ``messages``  ``{"messages": [{"role": "user", "content": "..."}, ...]}`` (OpenAI style)
-* ``sharegpt``  ``{"conversations": [{"from": "human", "value": "..."}, ...]}``
-* ``alpaca``    ``{"instruction": "...", "input": "...", "output": "..."}``
-
-Every record becomes a list of ``{"role", "content"}`` turns rendered by the tokenizer's chat
-template. Labels are ``-100`` everywhere except on assistant turns (content and the closing
-``<|im_end|>``), unless ``train_on_prompt``. Tokenization runs through ``datasets.map`` so its result
-is cached on disk and a second run with the same file, tokenizer and settings does not redo it.
+Reading files and checking records is ``records.py``'s (every bad record reported at once, true line
+numbers), turning a record into a conversation ``formats.py``'s (messages / sharegpt / alpaca, content
+parts, tool calls, the leading-assistant rule), the report ``datareport.py``'s. Here: each conversation is
+rendered by the tokenizer's chat template; labels are ``-100`` everywhere except on the trained assistant
+turns (the answer, the tool calls the template renders, and the closing ``<|im_end|>``), unless
+``train_on_prompt``. Checking and tokenization run through ``datasets.map``, so their results are cached on
+disk and a second run with the same file, tokenizer and settings does not redo them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -22,153 +18,16 @@ from typing import Any, Iterable
 
 import torch
 
-from .chat_template import IM_END, IM_START, QWEN_CHAT_TEMPLATE
+from .chat_template import IM_END, IM_START, QWEN_CHAT_TEMPLATE, load_chat_template
+from .datareport import DataReport
 from .errors import UserError
+from .formats import RecordProblem, target_turns, to_conversation
+from .records import CODE_DIGEST, PROBLEM, RawRecords, check_records, load_raw, parse_row
+from .records import check_data_path  # noqa: F401 - imported from here by qwenloop.checks
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bing": "assistant",
-    "bard": "assistant",
-}
-FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output")}
-
-
-# --------------------------------------------------------------------------------------------
-# loading raw records
-# --------------------------------------------------------------------------------------------
-
-
-def check_data_path(path: str) -> None:
-    """A data file (or saved dataset directory) must exist; run before training by ``qwenloop.checks`` too."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: data file not found; set train_file/eval_file to an existing file or directory")
-
-
-def load_records(path: str):
-    """Load a data file as a ``datasets.Dataset`` of raw records, with clear errors for bad files."""
-    import datasets
-
-    check_data_path(path)
-    if os.path.isdir(path):
-        try:
-            ds = datasets.load_from_disk(path)
-        except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad directory
-            raise UserError(f"{path}: not a dataset saved with Dataset.save_to_disk ({type(e).__name__}: {e})")
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise UserError(f"{path}: a DatasetDict without a 'train' split; save a single Dataset instead")
-            ds = ds["train"]
-        return ds
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".jsonl", ".json"):
-        _check_json(path, ext)
-        builder = "json"
-    elif ext == ".parquet":
-        builder = "parquet"
-    else:
-        raise UserError(f"{path}: unsupported file type {ext!r}; use .jsonl, .json, .parquet or a saved dataset directory")
-    try:
-        ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train")
-    except Exception as e:  # noqa: BLE001 - arrow schema errors, mixed types
-        raise UserError(f"{path}: could not be read as {builder} ({type(e).__name__}: {str(e).splitlines()[0]})")
-    if len(ds) == 0:
-        raise UserError(f"{path}: holds no records")
-    return ds
-
-
-def _check_json(path: str, ext: str) -> None:
-    """Find malformed JSON ourselves: pyarrow's errors carry no line numbers."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1 << 16).lstrip()
-    if ext == ".json" and head.startswith("["):
-        with open(path, encoding="utf-8") as f:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix that line")
-        for i, rec in enumerate(records):
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}: record {i} is not a JSON object")
-        return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or remove that line")
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: each line must be a JSON object, got {type(rec).__name__}")
-
-
-def detect_format(record: dict, path: str, requested: str) -> str:
-    """The format of ``record``; checks an explicitly requested format against the file."""
-    found = [name for name, keys in FORMAT_KEYS.items() if all(k in record for k in keys)]
-    if requested != "auto":
-        if requested not in found:
-            expected = "/".join(FORMAT_KEYS[requested])
-            guess = f"; set format: {found[0]} (or auto)" if found else ""
-            raise UserError(
-                f"{path}: format {requested!r} expects field(s) {expected} but the first record has keys "
-                f"{sorted(record)}{guess}"
-            )
-        return requested
-    if not found:
-        raise UserError(
-            f"{path}: cannot tell the format of the first record (keys {sorted(record)}); expected 'messages', "
-            f"'conversations' (sharegpt) or 'instruction'+'output' (alpaca)"
-        )
-    return found[0]
-
-
-def to_messages(record: dict, fmt: str, where: str) -> list[dict[str, str]]:
-    """Normalise one record to ``[{"role", "content"}, ...]``; ``where`` names it in errors (file:line)."""
-    if fmt == "alpaca":
-        instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
-        if not isinstance(instruction, str) or not isinstance(output, str):
-            raise UserError(f"{where}: alpaca records need string 'instruction' and 'output'")
-        if not output.strip():
-            raise UserError(f"{where}: empty 'output': there is nothing to train on; remove the record")
-        prompt = instruction if not extra else f"{instruction}\n\n{extra}"
-        turns = []
-        if isinstance(record.get("system"), str) and record["system"]:
-            turns.append({"role": "system", "content": record["system"]})
-        return turns + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-
-    key, role_key, content_key = ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
-    raw = record.get(key)
-    if not isinstance(raw, list):
-        raise UserError(f"{where}: {key!r} must be a list of turns, got {type(raw).__name__}")
-    if not raw:
-        raise UserError(f"{where}: empty conversation; remove the record")
-    turns = []
-    for i, turn in enumerate(raw):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-            raise UserError(f"{where}: turn {i} needs {role_key!r} and {content_key!r}")
-        role = turn[role_key]
-        if fmt == "sharegpt":
-            if role not in SHAREGPT_ROLES:
-                raise UserError(f"{where}: turn {i} has unknown 'from' {role!r}; use one of {sorted(SHAREGPT_ROLES)}")
-            role = SHAREGPT_ROLES[role]
-        elif role not in ROLES:
-            raise UserError(f"{where}: turn {i} has unknown role {role!r}; use one of {list(ROLES)}")
-        content = turn[content_key]
-        if not isinstance(content, str):
-            raise UserError(f"{where}: turn {i} content must be a string, got {type(content).__name__}")
-        turns.append({"role": role, "content": content})
-    if not any(t["role"] == "assistant" for t in turns):
-        raise UserError(f"{where}: conversation has no assistant turn, so nothing to train on; remove it or add one")
-    return turns
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +38,7 @@ def to_messages(record: dict, fmt: str, where: str) -> list[dict[str, str]]:
 def ensure_chat_template(tokenizer, source: str, override: str | None = None) -> None:
     """Give the tokenizer a chat template: the configured one, its own, or Qwen's ChatML."""
     if override:
-        tokenizer.chat_template = open(override, encoding="utf-8").read() if os.path.isfile(override) else override
+        tokenizer.chat_template = load_chat_template(override)  # the text itself, or the file it names
         return
     if getattr(tokenizer, "chat_template", None):
         return
@@ -194,66 +53,128 @@ def ensure_chat_template(tokenizer, source: str, override: str | None = None) ->
     )
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one conversation.
+def tokenize_conversation(tokenizer, messages: list[dict], train_on_prompt: bool,
+                          tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation (``tools``: the function schemas a tool-calling template shows).
 
-    The template is rendered for growing prefixes of the conversation: the tokens between "prefix
-    up to turn i with a generation prompt" and "prefix including assistant turn i" are turn i's
-    answer. Trailing whitespace after the answer (the newline after ``<|im_end|>``) is not a target:
-    the model should learn to stop at ``<|im_end|>``. Templates that render a turn differently once
-    later turns follow (Qwen3's drops the empty ``<think></think>`` block from earlier answers) are
-    not prefix-consistent; their answers are located in the rendered text instead.
+    The targets are the trained assistant turns (``formats.target_turns``: not a greeting before the first
+    user turn), each from its first token to its end-of-turn token: the answer, the tool calls the template
+    renders for it, and ``<|im_end|>``. Trailing whitespace after it (the newline after ``<|im_end|>``) is
+    not a target: the model should learn to stop at ``<|im_end|>``. Turns are located by rendering growing
+    prefixes of the conversation; a template that renders a turn differently once later turns follow
+    (Qwen3's drops the empty ``<think></think>`` block from earlier answers) is not prefix-consistent, and its
+    turns are located by what changes when each is replaced by a marker. Raises ``RecordProblem``.
     """
-
-    def ids(msgs, generation_prompt=False) -> list[int]:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    input_ids = ids(messages)
+    text = _render(tokenizer, messages, tools)
+    input_ids = _ids(tokenizer, text)
     if train_on_prompt:
         return input_ids, list(input_ids)
+    spans = _spans_by_prefix(tokenizer, messages, tools, input_ids)
+    if spans is None:
+        input_ids, spans = _spans_by_difference(tokenizer, messages, tools, text)
     labels = [IGNORE_INDEX] * len(input_ids)
-    for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
-            continue
-        start = len(ids(messages[:i], generation_prompt=True))
-        upto = ids(messages[: i + 1])
-        end = len(upto)
-        if input_ids[:end] != upto:
-            return _labels_by_search(tokenizer, messages)
-        while end > start and not tokenizer.decode(input_ids[end - 1 : end]).strip():
-            end -= 1
+    for turn, start, end in spans:
+        _check_tool_calls_rendered(tokenizer, messages[turn], turn, input_ids[start:end])
         labels[start:end] = input_ids[start:end]
+    for tool in tools or ():
+        if tool["function"]["name"] not in text:
+            raise RecordProblem(f"the chat template does not render the record's tools ({tool['function']['name']!r} "
+                                f"is not in its text); {TOOL_TEMPLATE_HINT}")
     return input_ids, labels
 
 
-def _labels_by_search(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Labels for a template that is not prefix-consistent: find each turn's text, in order, in the
-    rendered conversation; an assistant answer and the end-of-turn token right after it are targets.
-    Needs a fast tokenizer (character offsets)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+TOOL_TEMPLATE_HINT = "set chat_template to a template with tool calling (Qwen2.5's and Qwen3's own have it)"
+
+
+def _render(tokenizer, messages: list[dict], tools, generation_prompt: bool = False) -> str:
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:  # raise_exception(...) in a template, and its slips
+        why = (str(e).splitlines() or [""])[0]
+        raise RecordProblem(f"the chat template cannot render it ({type(e).__name__}: {why}); fix the record, or set "
+                            f"chat_template to a template that takes it")
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _spans_by_prefix(tokenizer, messages, tools, input_ids) -> list[tuple[int, int, int]] | None:
+    """(turn, first token, end token) of each trained turn, or None when the template is not prefix-consistent."""
+    spans = []
+    for i in target_turns(messages):
+        prompt = _ids(tokenizer, _render(tokenizer, messages[:i], tools, generation_prompt=True))
+        upto = _ids(tokenizer, _render(tokenizer, messages[: i + 1], tools))
+        start, end = len(prompt), len(upto)
+        if input_ids[:end] != upto or input_ids[:start] != prompt:
+            return None
+        while end > start and not tokenizer.decode(input_ids[end - 1 : end]).strip():
+            end -= 1
+        spans.append((i, start, end))
+    return spans
+
+
+def _spans_by_difference(tokenizer, messages, tools, text) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Spans for a template that is not prefix-consistent: render the conversation again with one trained turn
+    replaced by a marker (no tool calls, no reasoning); the text that differs is what the template renders for
+    that turn (its answer, its tool calls, a reasoning block), and the end-of-turn token right after it is a
+    target too. Tool calls are rendered from fields, not copied from ``content``, so searching the rendered
+    text for the content would not find them. Needs a fast tokenizer (character offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise RecordProblem("the chat template is not prefix-consistent, and locating answers in its text needs a fast "
+                            "tokenizer (character offsets); load the model's tokenizer.json, or use a prefix-consistent template")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    eos = tokenizer.eos_token or IM_END
-    spans, pos = [], 0
-    for i, turn in enumerate(messages):
-        found = text.find(turn["content"], pos)
-        if found < 0:
-            if turn["role"] == "assistant":
-                raise UserError(
-                    f"assistant turn {i} does not appear verbatim in the text the chat template renders, so its "
-                    f"tokens cannot be located; set chat_template to a template that keeps answers as they are"
-                )
-            continue
-        pos = found + len(turn["content"])
-        if turn["role"] == "assistant":
-            end = pos + len(eos) if text.startswith(eos, pos) else pos
-            spans.append((found, end))
-            pos = end
-    labels = [IGNORE_INDEX] * len(encoded["input_ids"])
-    for k, (tok_start, tok_end) in enumerate(encoded["offset_mapping"]):
-        if tok_end > tok_start and any(s <= tok_start and tok_end <= e for s, e in spans):
-            labels[k] = encoded["input_ids"][k]
-    return list(encoded["input_ids"]), labels
+    offsets, eos = encoded["offset_mapping"], tokenizer.eos_token or IM_END
+    spans = []
+    for i in target_turns(messages):
+        marked = _render(tokenizer, messages[:i] + [{"role": "assistant", "content": MARKER}] + messages[i + 1 :], tools)
+        if MARKER not in marked:
+            raise RecordProblem(f"assistant turn {i} cannot be located: the chat template does not render assistant "
+                                f"content as given; set chat_template to a template that does")
+        start, end = _changed_span(text, marked)
+        end += len(eos) if text.startswith(eos, end) else 0
+        tokens = [k for k, (a, b) in enumerate(offsets) if b > a and start <= a and b <= end]
+        if tokens:
+            spans.append((i, tokens[0], tokens[-1] + 1))
+    return list(encoded["input_ids"]), spans
+
+
+# Stands in for a turn in _spans_by_difference. Empty content would be ambiguous: a tool call starts with the
+# same "<" as the "<|im_end|>" that follows an empty answer, so the common prefix would swallow it; no
+# answer starts or ends with a NUL character.
+MARKER = "\x00"
+
+
+def _changed_span(text: str, other: str) -> tuple[int, int]:
+    """[start, end) of ``text`` that differs from ``other``: what is left after their common prefix and suffix."""
+    prefix = _common_prefix(text, other)
+    suffix = _common_prefix(text[prefix:][::-1], other[prefix:][::-1])
+    return prefix, len(text) - suffix
+
+
+def _common_prefix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))  # bisection over slice comparisons: C speed on long conversations
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _check_tool_calls_rendered(tokenizer, turn: dict, i: int, target_ids: list[int]) -> None:
+    """A template without tool calling renders an assistant turn that only calls tools as an empty answer,
+    which would train the model to say nothing: refuse it instead."""
+    calls = turn.get("tool_calls") or ()
+    if calls:
+        target = tokenizer.decode(target_ids)
+        missing = [c["function"]["name"] for c in calls if c["function"]["name"] not in target]
+        if missing:
+            raise RecordProblem(f"the chat template does not render the tool calls of assistant turn {i} ({missing[0]!r} "
+                                f"is not in its text); {TOOL_TEMPLATE_HINT}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,9 +184,10 @@ def _labels_by_search(tokenizer, messages: list[dict]) -> tuple[list[int], list[
 
 @dataclass
 class TokenizedData:
-    dataset: Any  # datasets.Dataset with input_ids, labels, num_targets
+    dataset: Any  # datasets.Dataset with input_ids, labels, num_targets, length
     truncated: int
     dropped: int
+    bad_records: int = 0  # records left out by bad_records: skip (the data report in the log lists them)
 
     @property
     def target_tokens(self) -> int:
@@ -278,41 +200,110 @@ class TokenizedData:
 
 
 def build_dataset(path: str, tokenizer, cfg) -> TokenizedData:
-    """Load, validate, tokenize (cached by ``datasets``), truncate or drop over-long examples."""
-    records = load_records(path)
-    fmt = detect_format(records[0], path, cfg.format)
-    is_jsonl = path.endswith(".jsonl")
-    max_len, policy, train_on_prompt = cfg.max_seq_len, cfg.truncation, cfg.train_on_prompt
+    """Load, check every record, tokenize (cached by ``datasets``), truncate or drop over-long examples.
 
-    def encode(record: dict, index: int) -> dict:
-        # Line numbers for JSONL (blank lines aside, record i is line i+1); record index otherwise.
-        where = f"{path}:{index + 1}" if is_jsonl else f"{path}: record {index}"
-        messages = to_messages(record, fmt, where)
-        input_ids, labels = tokenize_conversation(tokenizer, messages, train_on_prompt)
-        too_long = len(input_ids) > max_len
-        if too_long and policy == "truncate":
-            input_ids, labels = input_ids[:max_len], labels[:max_len]
-        num_targets = sum(1 for t in labels[1:] if t != IGNORE_INDEX)  # the first label is never predicted
-        return {"input_ids": input_ids, "labels": labels, "num_targets": num_targets, "length": len(input_ids), "too_long": too_long}
+    Bad records: with ``bad_records: error`` (the default) a report of all of them is logged and one
+    ``UserError`` raised, before tokenizing when they can be found without the tokenizer; with ``skip`` they
+    are left out, logged once and counted (``TokenizedData.bad_records``)."""
+    policy = getattr(cfg, "bad_records", "error")  # callers may pass a plain namespace of the data settings
+    raw = load_raw(path)
+    checked = check_records(raw, cfg.format)
+    report = DataReport(path, len(raw.dataset), located(raw, checked.problems))
+    if report.problems and policy == "error":  # the report is complete without tokenizing anything
+        judge(report, None, policy, cfg.max_seq_len)
+    tokenized = tokenize_records(raw, checked.good, tokenizer, cfg)
+    report.problems = located(raw, checked.problems + tokenized.problems)
+    kept = select_kept(tokenized.dataset, cfg.truncation)
+    judge(report, kept, policy, cfg.max_seq_len)
+    dataset = tokenized.dataset
+    if len(kept.rows) < len(dataset):
+        dataset = dataset.select(kept.rows)
+    dataset = dataset.remove_columns(["too_long", "full_length", PROBLEM])
+    return TokenizedData(dataset, truncated=kept.truncated, dropped=kept.dropped, bad_records=len(report.problems))
 
-    tokenized = records.map(
-        encode,
-        with_indices=True,
-        remove_columns=records.column_names,
-        desc=f"tokenizing {os.path.basename(path)}",
-    )
-    too_long = sum(tokenized["too_long"])
-    keep = [i for i, (n, long_) in enumerate(zip(tokenized["num_targets"], tokenized["too_long"])) if n > 0 and not (long_ and policy == "drop")]
-    dropped = len(tokenized) - len(keep)
-    if dropped:
-        tokenized = tokenized.select(keep)
-    tokenized = tokenized.remove_columns(["too_long"])
-    if len(tokenized) == 0:
-        raise UserError(
-            f"{path}: no example left after truncation to max_seq_len={max_len} ({too_long} too long); "
-            f"raise max_seq_len"
-        )
-    return TokenizedData(tokenized, truncated=too_long if policy == "truncate" else 0, dropped=dropped)
+
+def judge(report: DataReport, kept: "Kept | None", policy: str, max_seq_len: int, log: bool = True) -> None:
+    """Raise what a run stops with for this file, if anything, and log the report as a run does (``qwenloop
+    data`` prints it itself, then asks the same question with ``log=False``)."""
+    if report.problems and policy == "error":
+        if log and len(report.problems) > 1:  # one bad record: the error line says it all
+            report.log(logging.ERROR)
+        raise report.error()
+    if log:
+        report.log(logging.WARNING, f"bad_records: skip: training without these {len(report.problems)} record(s)")
+    if kept is not None and not kept.rows:
+        if not kept.good:
+            raise report.nothing_left()
+        raise UserError(f"{report.path}: no example left after truncation to max_seq_len={max_seq_len} "
+                        f"({kept.too_long} too long); raise max_seq_len")
+
+
+@dataclass
+class Tokenized:
+    dataset: Any  # one row per good record (``Checked.good``): input_ids, labels, num_targets, length, full_length, too_long, problem
+    problems: list[tuple[int, str]]  # (raw row, what is wrong) found while tokenizing
+
+
+def tokenize_records(raw: RawRecords, good: list[int], tokenizer, cfg) -> Tokenized:
+    import datasets
+
+    rows = raw.dataset if len(good) == len(raw.dataset) else raw.dataset.select(good)
+    ints = datasets.Value("int64")
+    features = datasets.Features({"input_ids": datasets.Sequence(ints), "labels": datasets.Sequence(ints), "num_targets": ints,
+                                  "length": ints, "full_length": ints, "too_long": datasets.Value("bool"),
+                                  PROBLEM: datasets.Value("string")})
+    if not good:  # datasets' map of no rows returns no columns either
+        return Tokenized(datasets.Dataset.from_dict({name: [] for name in features}, features=features), [])
+    settings = dict(is_text=raw.is_text, requested_format=cfg.format, max_len=cfg.max_seq_len, policy=cfg.truncation,
+                    train_on_prompt=cfg.train_on_prompt, code=CODE_DIGEST)
+    dataset = rows.map(_encode, fn_kwargs={"tokenizer": tokenizer, **settings}, remove_columns=rows.column_names,
+                       features=features, desc=f"tokenizing {os.path.basename(raw.path)}")
+    problems = [(good[k], p) for k, p in enumerate(dataset[PROBLEM]) if p]
+    return Tokenized(dataset, problems)
+
+
+def _encode(row, tokenizer, is_text, requested_format, max_len, policy, train_on_prompt, code) -> dict:
+    try:
+        conversation = to_conversation(parse_row(row, is_text), requested_format)
+        input_ids, labels = tokenize_conversation(tokenizer, conversation.messages, train_on_prompt, conversation.tools)
+    except RecordProblem as e:
+        return {"input_ids": [], "labels": [], "num_targets": 0, "length": 0, "full_length": 0, "too_long": False, PROBLEM: str(e)}
+    full_length = len(input_ids)
+    too_long = full_length > max_len
+    if too_long and policy == "truncate":
+        input_ids, labels = input_ids[:max_len], labels[:max_len]
+    num_targets = sum(1 for t in labels[1:] if t != IGNORE_INDEX)  # the first label is never predicted
+    return {"input_ids": input_ids, "labels": labels, "num_targets": num_targets, "length": len(input_ids),
+            "full_length": full_length, "too_long": too_long, PROBLEM: ""}
+
+
+@dataclass
+class Kept:
+    rows: list[int]  # rows of the tokenized dataset that are trained on
+    good: int  # records tokenized without a problem
+    too_long: int  # good records longer than max_seq_len
+    truncated: int  # ... cut to max_seq_len (truncation: truncate)
+    dropped: int  # good records left out: too long (truncation: drop) or no target left after the cut
+
+
+def select_kept(tokenized, truncation: str) -> Kept:
+    """Which tokenized records are trained on (``build_dataset`` and ``qwenloop data`` count the same way)."""
+    rows, too_long, good = [], 0, 0
+    columns = tokenized.select_columns([PROBLEM, "num_targets", "too_long"]).to_dict()
+    for i, (problem, n, long_) in enumerate(zip(columns[PROBLEM], columns["num_targets"], columns["too_long"])):
+        if problem:
+            continue
+        good += 1
+        too_long += long_
+        if n > 0 and not (long_ and truncation == "drop"):
+            rows.append(i)
+    return Kept(rows, good, too_long, too_long if truncation == "truncate" else 0, good - len(rows))
+
+
+def located(raw: RawRecords, problems: list[tuple[int, str]]) -> list[tuple[str, str]]:
+    """(location, problem) in file order, the location as the report names it."""
+    where = raw.locations() if problems else []
+    return [(where[i], p) for i, p in sorted(problems)]
 
 
 def finish_batch(input_ids: torch.Tensor, labels: torch.Tensor, example_lengths: list[int], **inputs: torch.Tensor) -> dict:

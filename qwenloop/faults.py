@@ -4,6 +4,8 @@ The variable holds comma-separated entries; ``STEP`` is an optimizer step (1-bas
 (a range):
 
     kill_during_checkpoint:STEP    SIGKILL this process half-way through writing the checkpoint of STEP
+    sigterm_during_checkpoint:STEP SIGTERM this process half-way through writing the checkpoint of STEP (with
+                                   sigterm:RANK:STEP: a second signal while the first one's checkpoint is saved)
     disk_full:STEP                 the checkpoint of STEP fails with ENOSPC while its files are written
     nan_loss:RANK:STEP             the loss of rank RANK is NaN in step STEP
     sigterm:RANK:STEP              rank RANK sends itself SIGTERM at the end of step STEP
@@ -60,6 +62,12 @@ def kill_during_checkpoint(step: int) -> None:
     if fault_at("kill_during_checkpoint", step):
         logger.warning("QWENLOOP_FAULT: SIGKILL in the middle of writing the checkpoint of step %d", step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def signal_during_checkpoint(step: int) -> None:
+    if fault_at("sigterm_during_checkpoint", step):
+        logger.warning("QWENLOOP_FAULT: SIGTERM in the middle of writing the checkpoint of step %d", step)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def poison_loss(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:

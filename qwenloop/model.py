@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
+import pickle
+import re
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .data import ensure_chat_template
 from .storage import strip_wrapper_prefixes
@@ -33,15 +37,42 @@ def load_tokenizer(cfg):
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
+        if _refuses_custom_code(e):
+            raise _custom_code_error(cfg.model) from None
         raise UserError(
             f"model: cannot load a tokenizer from {cfg.model!r} ({str(e).splitlines()[0]}); "
             f"set model to a local model directory (or a hub id where a network exists)"
         )
+    _check_vocabulary(tokenizer, cfg.model)  # before the chat template: an empty tokenizer has none either
     ensure_chat_template(tokenizer, cfg.model, cfg.chat_template)
     if tokenizer.pad_token is None:
         # Qwen tokenizers define <|endoftext|> as pad; others may not. Padding is masked, any id works.
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
     return tokenizer
+
+
+def _check_vocabulary(tokenizer, source: str) -> None:
+    """transformers builds a tokenizer from ``tokenizer_config.json`` alone, or from nothing but the model type,
+    with no vocabulary beyond its special tokens: it would tokenize every text to unknown tokens. (The pre-flight
+    check ``qwenloop.checks.training.check_tokenizer_files`` catches missing files; this catches what loaded empty.)"""
+    specials = len(tokenizer.get_added_vocab())
+    if len(tokenizer.get_vocab()) <= specials:
+        raise UserError(
+            f"model: the tokenizer loaded from {source} has no vocabulary, only {specials} special token(s): its "
+            f"tokenizer.json (or vocab.json + merges.txt) is missing; copy the base model's tokenizer files into {source}"
+        )
+
+
+def _refuses_custom_code(error: Exception) -> bool:
+    """transformers' refusal of a model whose classes come as Python files with it (``auto_map``)."""
+    return isinstance(error, ValueError) and "trust_remote_code" in str(error)
+
+
+def _custom_code_error(model: str) -> UserError:
+    # Local directories are refused earlier, by the check that reads config.json (checks.training); this is a
+    # hub id, or custom code only the tokenizer's files name.
+    return UserError(f"model: {model} can only be loaded by running the Python code that comes with it, and "
+                     f"trust_remote_code is false; set trust_remote_code: true if you trust that code")
 
 
 def quantization_config(cfg, dtype: torch.dtype):
@@ -65,8 +96,6 @@ def quantization_config(cfg, dtype: torch.dtype):
 
 def load_model(cfg, backend):
     """Base model + LoRA, ready for ``accelerator.prepare``."""
-    from transformers import AutoModelForCausalLM
-
     dtype = compute_dtype(backend.mixed_precision)
     # What may be quantized under which backend, and whether the model path exists, was checked before
     # anything loaded (qwenloop.checks, run by train()).
@@ -80,8 +109,20 @@ def load_model(cfg, backend):
     if backend.load_on_meta(quantized=quant is not None):
         return _finish(_empty_model(cfg, dtype), cfg, quantized=False)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, **kwargs)
+        model = _from_pretrained(cfg, kwargs)
+    except UNREADABLE_WEIGHTS as e:
+        _raise_for_unreadable_weights(cfg.model, e)
+    return _finish(model, cfg, quantized=quant is not None)
+
+
+def _from_pretrained(cfg, kwargs: dict):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation, **kwargs)
     except (ValueError, ImportError) as e:
+        if _refuses_custom_code(e):
+            raise _custom_code_error(cfg.model) from None
         # qwenloop.checks refused the kernels known to be missing before anything loaded; what is left is
         # what only the model class knows (a kernel it does not support).
         if cfg.attn_implementation != "sdpa" or "sdpa" not in str(e).lower():
@@ -90,10 +131,93 @@ def load_model(cfg, backend):
                                 f"({str(e).splitlines()[0]}); set attn_implementation: sdpa")
             raise
         logger.warning("model does not support sdpa attention (%s): falling back to eager", e)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager", **kwargs)
+        return AutoModelForCausalLM.from_pretrained(cfg.model, attn_implementation="eager", **kwargs)
     except OSError as e:
         raise UserError(f"model: cannot load weights from {cfg.model!r} ({str(e).splitlines()[0]})")
-    return _finish(model, cfg, quantized=quant is not None)
+
+
+# SafetensorError: a damaged .safetensors; UnpicklingError: a pickle weights_only refuses; RuntimeError and
+# EOFError: a damaged .bin (torch's zip reader). Broad on purpose: only a culprit found on disk turns one of
+# them into a one-line error, anything else keeps its traceback.
+UNREADABLE_WEIGHTS = (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError)
+
+
+def _raise_for_unreadable_weights(model_dir: str, error: BaseException):
+    """Name the weight file that made loading fail and what to do about it, or re-raise ``error`` as it is."""
+    found = find_unreadable_weight_file(model_dir)
+    if found is None:
+        raise error
+    path, refused_pickle, detail = found
+    if refused_pickle:
+        raise UserError(
+            f"model: {path} is a pickle holding more than tensors ({detail}), which torch.load(weights_only=True) "
+            f"refuses to unpickle; use the model's safetensors weights, or convert this file to safetensors where "
+            f"you trust its source"
+        ) from None
+    raise UserError(f"model: {path} cannot be read ({detail}): it is damaged or incomplete (an interrupted download "
+                    f"or copy?); download or copy it again") from None
+
+
+def find_unreadable_weight_file(model_dir: str) -> tuple[str, bool, str] | None:
+    """The first weight file ``from_pretrained`` reads from ``model_dir`` that cannot be opened as it opens it:
+    ``(path, refused_pickle, detail)``, or None. A safetensors file is read as far as its header, which must
+    cover the whole file (a truncated one fails here); a ``.bin`` is unpickled with ``weights_only=True``,
+    memory-mapped (no tensor data read)."""
+    for path in _weight_files(os.path.expanduser(model_dir)):
+        if path.endswith(".safetensors"):
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except Exception as e:  # SafetensorError, or an OSError reading it
+                return path, False, _first_line(e)
+        else:
+            problem = _unpickle_problem(path)
+            if problem is not None:
+                return (path, *problem)
+    return None
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in transformers' order of preference
+
+
+def _weight_files(model_dir: str) -> list[str]:
+    """The files ``from_pretrained`` loads: a sharded checkpoint's index names them; safetensors first. Not
+    ``training_args.bin`` or other pickles that sit beside the weights and are never loaded."""
+    import json
+
+    for name in WEIGHT_FILES:
+        index = os.path.join(model_dir, f"{name}.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                return [os.path.join(model_dir, shard) for shard in shards]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return []  # a broken index is not a weight file to blame
+        if os.path.isfile(os.path.join(model_dir, name)):
+            return [os.path.join(model_dir, name)]
+    return []
+
+
+def _unpickle_problem(path: str) -> tuple[bool, str] | None:
+    """(refused_pickle, detail) of a ``.bin`` that ``torch.load(weights_only=True)`` cannot read, or None."""
+    for mmap in (True, False):  # files from before torch 1.6 (not zip) cannot be memory-mapped
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return None
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            return True, f"it needs {found.group(1)}" if found else _first_line(e)
+        except (RuntimeError, EOFError, OSError) as e:
+            if mmap and "mmap" in str(e):
+                continue
+            return False, _first_line(e)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first sentence (torch's zip reader follows it with a paragraph of advice)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
 
 
 def _empty_model(cfg, dtype: torch.dtype):
@@ -114,9 +238,7 @@ def _finish(model, cfg, quantized: bool):
     model.config.use_cache = False  # the KV cache is useless in training and breaks with checkpointing
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": cfg.gradient_checkpointing_reentrant}
-        )
+        enable_checkpointing(model, cfg.gradient_checkpointing_reentrant)
         if cfg.gradient_checkpointing_reentrant or quantized:
             # Reentrant checkpointing only back-propagates into a segment whose *inputs* require grad;
             # with a frozen embedding nothing does, and LoRA would get no gradient at all.
@@ -133,7 +255,19 @@ def _finish(model, cfg, quantized: bool):
     return model
 
 
+def enable_checkpointing(model, reentrant: bool) -> None:
+    """Activation (gradient) checkpointing of every decoder layer. transformers 5.24 renamed it
+    ``activation_checkpointing_enable`` (the old name warns and goes in v6); older 5.x only has the old one."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def add_lora(model, lora):
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(model, lora.target_modules)
@@ -145,7 +279,11 @@ def add_lora(model, lora):
         target_modules=list(lora.target_modules),
         bias=lora.bias,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` (peft_model.py) and the
+        # property warns on every run; the new name is `is_activation_checkpointing`, not ours to change.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def check_target_modules(model, targets: list[str]) -> None:

@@ -2,6 +2,11 @@
 
 The loop (``train.py``) asks ``agreed`` once per step; when any rank got a signal, every rank saves a
 checkpoint and stops together (``checkpoint.Checkpointer.preempted``).
+
+A signal that comes while the run is already stopping (a scheduler or launcher that signals twice, a second
+Ctrl-C, a signal during the save the first one started) never interrupts it: killed half-way through its
+checkpoint, a run would lose everything since its previous checkpoint. It is logged; SIGKILL still stops a
+process at once.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ logger = logging.getLogger("qwenloop")
 
 class StopSignals:
     """SIGTERM / SIGINT set a flag; ``agreed`` (collective, at a step boundary) tells every rank
-    whether any rank got one. A second signal of the same kind gets the default behaviour."""
+    whether any rank got one. Later signals are logged and change nothing: the checkpoint the first one
+    asked for is written before the run ends."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
+        self.repeated = 0  # signals that came after the first one (logged, never acted on)
         self._previous = {}
 
     def __enter__(self):
@@ -42,12 +49,14 @@ class StopSignals:
         return False
 
     def _handle(self, signum, frame):
-        if self.received == signum:  # asked twice: stop now, the default way
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            os.kill(os.getpid(), signum)
+        name = signal.Signals(signum).name
+        if self.received is not None:  # already stopping: dying now could leave a half-written checkpoint
+            self.repeated += 1
+            logger.warning("%s received while already stopping: the checkpoint is written first, then the run ends "
+                           "(SIGKILL stops at once, losing the work since the newest complete checkpoint)", name)
             return
         self.received = signum
-        logger.warning("%s received: stopping after this step with a checkpoint", signal.Signals(signum).name)
+        logger.warning("%s received: stopping after this step with a checkpoint", name)
 
     def agreed(self, accelerator, step: int) -> int | None:
         """The signal number any rank received (the largest, if several), else None. Collective."""

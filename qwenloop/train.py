@@ -13,14 +13,15 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint, faults
+from . import checkpoint, faults, storage
 from . import batching as batching_lib
 from . import data as data_lib
-from . import distributed, model as model_lib
+from . import distributed, model as model_lib, report
 from .adapter import save_adapter
 from .checks import check_run
 from .config import TrainConfig
@@ -56,13 +57,15 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    started = time.time()
     # ---- where and how: accelerator first (ZeRO-3 must know its config before weights load) ----
     accelerator = distributed.create_accelerator(cfg)
     backend = distributed.backend_for(accelerator)
     check_run(cfg, accelerator, logger)  # every check `qwenloop doctor` runs; errors stop here, before anything loads
     backend.configure(cfg)
     _setup_logging(accelerator)
-    resume_dir = checkpoint.resolve_resume(cfg)  # a bad resume_from fails here, before anything loads
+    # A bad resume_from, or a damaged checkpoint, fails here, before anything loads (every rank decides the same).
+    resume_dir = checkpoint.resolve_resume(cfg, announce=accelerator.is_main_process)
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -70,14 +73,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         "backend %s, %d process(es), precision %s", backend.name, accelerator.num_processes, backend.mixed_precision
     )
 
-    # ---- data (tokenized once on the main process, then read from the datasets cache) ----
+    # ---- data (tokenized once on the main process, then read from the datasets cache; a bad file ends
+    # every process with the same data report line, not only the main one) ----
     tokenizer = model_lib.load_tokenizer(cfg)
-    with accelerator.main_process_first():
-        train_data = data_lib.build_dataset(cfg.train_file, tokenizer, cfg)
-        eval_data = data_lib.build_dataset(cfg.eval_file, tokenizer, cfg) if cfg.eval_file else None
+    train_data, eval_data = distributed.main_process_first(accelerator, lambda: (
+        data_lib.build_dataset(cfg.train_file, tokenizer, cfg),
+        data_lib.build_dataset(cfg.eval_file, tokenizer, cfg) if cfg.eval_file else None,
+    ))
     logger.info(
-        "train: %d examples, %d target tokens; %d truncated and %d dropped at max_seq_len=%d",
+        "train: %d examples, %d target tokens; %d truncated and %d dropped at max_seq_len=%d; %d bad records skipped",
         len(train_data.dataset), train_data.target_tokens, train_data.truncated, train_data.dropped, cfg.max_seq_len,
+        train_data.bad_records,
     )
     # Padded micro-batches of `micro_batch_size` examples (similar lengths together with group_by_length),
     # or with packing `micro_batch_size` rows of several examples each.
@@ -158,7 +164,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resume_dir:
         state = checkpoints.resume(resume_dir, state.identity, steps_per_epoch * gas)
     sentinel = NonFiniteSentinel(accelerator, backend, cfg.max_bad_steps, state.sentinel)
-    _start_run_files(cfg, accelerator, resumed_step=state.step if resume_dir else None)
+    _start_run_files(cfg, accelerator, state, resumed_from=resume_dir)
     if cfg.report_to:
         accelerator.init_trackers("qwenloop", config=_flat(cfg.to_dict()))
 
@@ -261,10 +267,32 @@ def train(cfg: TrainConfig) -> TrainResult:
         summary.update(meter.summary())  # train seconds, tokens and target tokens seen, throughput, padding, MFU
         summary["peak_memory_per_rank"] = memory
         summary["plan"] = plan
-        with open(os.path.join(cfg.output_dir, "run.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        summary["bad_records_skipped"] = train_data.bad_records + (eval_data.bad_records if eval_data else 0)
+        summary["wall_seconds"] = round(time.time() - started, 3)  # loading, tokenizing and saving included
+        summary["command"] = report.command_line()  # what reproduces this run (report.md shows it)
+    _write_run_summary(accelerator, os.path.join(cfg.output_dir, "run.json"), summary if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
+        report.finish_run(cfg.output_dir)  # report.md, and curves.png when matplotlib is installed; never fails the run
     _end(accelerator)
     return result
+
+
+def _write_run_summary(accelerator, path: str, summary: dict | None) -> None:
+    """``run.json``, written whole or not at all (main process). The adapter is already in place: a full disk
+    here ends every rank with one line saying so, instead of a traceback on one and a hang on the others."""
+    failure = None
+    if summary is not None:
+        try:
+            storage.write_text_atomic(path, json.dumps(summary, indent=1))
+        except OSError as e:
+            failure = (f"run.json: could not write {path} ({e.strerror or e}); the adapter and metrics.jsonl of this "
+                       f"run are complete in {os.path.dirname(path)}; free disk space (run.json is the run's summary)")
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor([1.0 if failure else 0.0], device=accelerator.device), "sum").item() > 0
+    else:
+        failed = failure is not None
+    if failed:
+        raise UserError(failure or "run.json: the main process could not write the run's summary (see its error)")
 
 
 @dataclass
@@ -345,24 +373,79 @@ def _make_scheduler(kind: str, optimizer, warmup: int, total: int):
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def _start_run_files(cfg: TrainConfig, accelerator, resumed_step: int | None = None) -> None:
-    """Once everything loaded: a fresh metrics file (after a resume: the lines up to the checkpoint's
-    step, so that steps redone after it are not listed twice) and the config used."""
-    accelerator.wait_for_everyone()  # every rank has checked the directory before it changes
-    if accelerator.is_main_process:
-        import yaml
+def _start_run_files(cfg: TrainConfig, accelerator, state, resumed_from: str | None = None) -> None:
+    """Once everything loaded, on the main process: the run's files in ``output_dir``.
 
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    A fresh run first moves any previous run there aside (``checkpoint.move_run_aside``; the checks allowed it:
+    ``overwrite_output_dir``, or ``auto`` over an attempt that left nothing to resume) and gets a new run id. A
+    resumed run keeps its checkpoint's id, moves aside the adapter and run.json of an earlier finish (it will
+    write its own), and keeps the metrics lines up to the checkpoint's step (steps redone after it are not
+    listed twice; a line torn by a kill is dropped). Then ``config.yaml`` and ``run_id.json``, each replaced
+    atomically. A failure (disk full) ends every rank with one line."""
+    accelerator.wait_for_everyone()  # every rank has checked the directory before it changes
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            _write_start_files(cfg, state, resumed_from)
+        except OSError as e:
+            why = storage.write_failure(e, cfg.output_dir)
+            failure = f"output_dir: could not prepare {cfg.output_dir} ({why}); free disk space or choose a writable output_dir"
+    failed = accelerator.reduce(torch.tensor([1.0 if failure else 0.0], device=accelerator.device), "sum").item() > 0
+    if failed:
+        raise UserError(failure or "output_dir: the main process could not prepare the run's files (see its error)")
+
+
+def _write_start_files(cfg: TrainConfig, state, resumed_from: str | None) -> None:
+    import yaml
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    dir_run = checkpoint.current_run_id(cfg.output_dir)
+    if resumed_from is None:
+        why = ("overwrite_output_dir" if cfg.overwrite_output_dir else
+               "resume_from: auto found nothing to continue" if cfg.resume_from == "auto" else "a new run")
+        checkpoint.move_run_aside(cfg.output_dir, why)
+        state.run_id = checkpoint.new_run_id()
         kept = []
-        if resumed_step is not None and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    accelerator.wait_for_everyone()
+    else:
+        state.run_id = state.run_id or dir_run or checkpoint.new_run_id()  # an older checkpoint has no id
+        root = os.path.abspath(checkpoint.checkpoints_root(cfg.output_dir))
+        elsewhere = os.path.commonpath([os.path.abspath(resumed_from), root]) != root
+        if dir_run not in (None, state.run_id) and elsewhere:  # continuing another run here: this one's files go aside
+            checkpoint.move_run_aside(cfg.output_dir, f"resuming run {state.run_id} from {resumed_from}")
+        # Resumed on purpose from a run that had finished: nothing may say "finished" until this run has.
+        checkpoint.move_run_aside(cfg.output_dir, "resuming a run that had finished", only=checkpoint.FINISHED_ENTRIES)
+        kept = _metrics_up_to(path, state.step)
+    storage.write_text_atomic(path, "".join(kept))
+    storage.write_text_atomic(os.path.join(cfg.output_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    checkpoint.write_run_id(cfg.output_dir, state.run_id)
+
+
+def _metrics_up_to(path: str, step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to ``step``. A line that is not JSON (the last one cut short by a kill
+    mid-write, or one damaged later) is dropped, and said so: a metrics file never stops a resume."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    kept, dropped = [], []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            dropped.append(number)
+            continue
+        if not isinstance(record, dict) or record.get("step", 0) <= step:
+            kept.append(raw.decode("utf-8") + "\n")
+    last = max((n for n, raw in enumerate(lines, 1) if raw.strip()), default=0)
+    if dropped == [last]:
+        logger.warning("%s: dropped its last line (%d bytes, not complete JSON): the process was stopped while "
+                       "writing it", path, len(lines[last - 1]))
+    elif dropped:
+        logger.warning("%s: dropped line(s) %s: not JSON", path, ", ".join(map(str, dropped)))
+    return kept
 
 
 def _end(accelerator) -> None:
@@ -373,9 +456,24 @@ def _end(accelerator) -> None:
 
 
 def _log_metrics(accelerator, path: str, record: dict) -> None:
+    """Append the record to ``metrics.jsonl`` (main process; a line the disk cannot take is cut back off, never
+    left torn) and to the trackers. A full disk ends every rank with one line (exit code 2), the checkpoints as
+    they were."""
+    failure = None
     if accelerator.is_main_process:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            storage.append_line(path, json.dumps(record))
+        except OSError as e:
+            latest = checkpoint.find_latest(os.path.dirname(path))
+            kept = f"the newest checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
+            failure = (f"metrics: could not append step {record.get('step')} to {path} ({e.strerror or e}); {kept}; "
+                       f"free disk space, then resume with resume_from: auto")
+    if accelerator.num_processes > 1:  # every rank stops together (a rank stopping alone would hang the others)
+        failed = accelerator.reduce(torch.tensor([1.0 if failure else 0.0], device=accelerator.device), "sum").item() > 0
+    else:
+        failed = failure is not None
+    if failed:
+        raise UserError(failure or "metrics: the main process could not append to metrics.jsonl (see its error)")
     numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if accelerator.trackers:
         accelerator.log(numeric, step=record["step"])

@@ -3,6 +3,7 @@ removed, retention, weights_only loads, RNG round trip, a failing save (disk ful
 previous checkpoint intact, bad resume_from / incompatible checkpoint / unwritable output_dir errors."""
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -18,12 +19,16 @@ from qwenloop import checkpoint as ckpt, faults, storage
 from qwenloop.errors import UserError
 
 
-def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
+def fake_checkpoint(output_dir: Path, step: int, complete: bool = True, run_id: str = "run-a") -> Path:
+    """A checkpoint directory with every file a real one has (placeholder contents) and, when complete, its
+    manifest: it verifies like a real one."""
     path = Path(output_dir) / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
-    path.mkdir(parents=True)
-    (path / ckpt.STATE_FILE).write_text("{}")
+    for rel in ("adapter/adapter_model.safetensors", "optimizer/optimizer.pt", "rng/rank-00000.pt", "scheduler.pt"):
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_bytes(f"{rel} of step {step}".encode())
+    (path / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "run_id": run_id, "identity": {"world_size": 1}}))
     if complete:
-        (path / ckpt.MARKER).write_text("{}")
+        ckpt.write_manifest(str(path), step, run_id)
     return path
 
 
@@ -95,6 +100,15 @@ def test_fault_spec_steps(monkeypatch):
 # ---- one real single-process run with checkpoints ------------------------------------------------
 
 
+def stopped_copy(src: Path, out: Path) -> Path:
+    """A copy of a finished run as it was when stopped after its last checkpoint (no final adapter, no run.json):
+    what ``resume_from: auto`` continues (a finished run it refuses)."""
+    shutil.copytree(src, out)
+    shutil.rmtree(out / "adapter")
+    (out / "run.json").unlink()
+    return out
+
+
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory, tiny_model, train_jsonl):
     reset_accelerate_state()
@@ -159,11 +173,10 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, tiny_model, t
 
 def test_incompatible_checkpoint_is_refused_unless_forced(checkpointed_run, tmp_path, tiny_model, train_jsonl, reset_accelerate):
     src, _ = checkpointed_run
-    out = tmp_path / "run"
-    shutil.copytree(src, out)
+    out = stopped_copy(src, tmp_path / "run")
     changed = base_config(tiny_model, train_jsonl, out, max_steps=6, micro_batch_size=2, resume_from="auto")
     with pytest.raises(UserError, match=r"resume_from: .*step-0000004 was written with other settings "
-                                        r"\(micro_batch_size 4 -> 2\).*force_resume: true"):
+                                        r"\(micro_batch_size 4 -> 2, max_steps 4 -> 6\).*force_resume: true"):
         train(TrainConfig.from_dict(changed))
     reset_accelerate_state()
     result = train(TrainConfig.from_dict({**changed, "force_resume": True}))
@@ -171,23 +184,43 @@ def test_incompatible_checkpoint_is_refused_unless_forced(checkpointed_run, tmp_
     assert len(result.losses) == 2
 
 
-def test_checkpoint_from_before_packing_existed_still_resumes(checkpointed_run, tmp_path, tiny_model, train_jsonl, reset_accelerate):
-    """A checkpoint whose identity has no `packing` / `group_by_length` (written before they existed) was
-    written with both off: it resumes without force, and resuming it packed is refused as a change."""
+PREVIOUS_FORMAT_IDENTITY = ("world_size", "micro_batch_size", "gradient_accumulation_steps", "seed", "train_examples",
+                            "train_target_tokens")
+
+
+def as_previous_format(path: Path) -> None:
+    """Rewrite a checkpoint as the format before manifests wrote it: COMPLETE without a file list, no run id, an
+    identity of the data-position keys only (before `packing` / `group_by_length` existed, too)."""
+    state = json.loads((path / ckpt.STATE_FILE).read_text())
+    state["identity"] = {k: state["identity"][k] for k in PREVIOUS_FORMAT_IDENTITY}
+    del state["run_id"]
+    state["format"] = 1
+    (path / ckpt.STATE_FILE).write_text(json.dumps(state))
+    (path / ckpt.MARKER).write_text(json.dumps({"step": state["step"], "time": 0.0}))
+
+
+def test_checkpoint_of_the_previous_format_still_resumes(checkpointed_run, tmp_path, tiny_model, train_jsonl, reset_accelerate,
+                                                         caplog):
+    """A checkpoint without manifest, run id or the newer identity keys resumes exactly, with a warning; the settings
+    its identity lacks are compared with its config.yaml (`packing` too, which it predates: off), so a change is
+    still refused."""
     src, _ = checkpointed_run
-    out = tmp_path / "run"
-    shutil.copytree(src, out)
-    state_file = out / ckpt.CHECKPOINTS / "step-0000004" / ckpt.STATE_FILE
-    state = json.loads(state_file.read_text())
-    for key in ("packing", "group_by_length"):
-        del state["identity"][key]
-    state_file.write_text(json.dumps(state))
-    cfg = base_config(tiny_model, train_jsonl, out, max_steps=5, resume_from="auto")
-    with pytest.raises(UserError, match=r"\(packing False -> True\)"):
+    out = stopped_copy(src, tmp_path / "run")
+    step3 = out / ckpt.CHECKPOINTS / "step-0000003"
+    as_previous_format(step3)
+    cfg = base_config(tiny_model, train_jsonl, out, max_steps=4, resume_from=str(step3))
+    with pytest.raises(UserError, match=r"was written with other settings \(packing False -> True\)"):
         train(TrainConfig.from_dict({**cfg, "packing": True}))
     reset_accelerate_state()
-    result = train(TrainConfig.from_dict(cfg))
-    assert result.steps == 5 and result.resumed_from.endswith("step-0000004")
+    with pytest.raises(UserError, match=r"other settings \(learning_rate 0.001 -> 0.002\)"):
+        train(TrainConfig.from_dict({**cfg, "learning_rate": 2e-3}))  # read from its config.yaml
+    reset_accelerate_state()
+    with caplog.at_level(logging.WARNING, logger="qwenloop"):
+        result = train(TrainConfig.from_dict(cfg))
+    assert result.steps == 4 and result.resumed_from == str(step3)
+    assert "before checkpoints carried checksums" in caplog.text and "train_file_sha256" in caplog.text
+    final, straight = load_adapter_tensors(out / "adapter"), load_adapter_tensors(src / "adapter")
+    assert all(torch.equal(final[k], straight[k]) for k in straight)  # still an exact continuation
 
 
 def test_resume_from_nowhere_is_a_clean_cli_error(tmp_path, tiny_model, train_jsonl):
@@ -210,10 +243,10 @@ def test_previous_run_may_be_resumed_in_place(checkpointed_run, tmp_path, tiny_m
     src, _ = checkpointed_run
     out = tmp_path / "run"
     shutil.copytree(src, out)
-    cfg = base_config(tiny_model, train_jsonl, out, max_steps=5, checkpoint_every_steps=1,
+    cfg = base_config(tiny_model, train_jsonl, out, max_steps=4, checkpoint_every_steps=1, keep_last_checkpoints=2,
                       resume_from=str(out / ckpt.CHECKPOINTS / "step-0000003"))
     result = train(TrainConfig.from_dict(cfg))
-    assert result.steps == 5 and len(result.losses) == 2
-    assert [s for s, _ in ckpt.list_checkpoints(out)] == [4, 5]  # step 4 rewritten in place, then 3 pruned
+    assert result.steps == 4 and len(result.losses) == 1
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [3, 4]  # step 4 rewritten in place
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
+    assert steps == [1, 2, 3, 4]

@@ -170,3 +170,50 @@ def test_fsdp_settings_that_break_lora_are_refused(settings, message):
     assert any(message in m for m in registry_errors(cfg, launch(**settings))), registry_errors(cfg, launch(**settings))
     fixed = {**settings, **{k: not v for k, v in settings.items() if isinstance(v, bool)}}
     assert registry_errors(cfg, launch(**fixed)) == []
+
+
+# --- issue 10: config hardening (items 9-12), through `qwenloop train` ----------------------------------
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["--seed", "-1"], ["seed: must be in [0, 4294967295]", "got -1"]),
+    (["--seed", str(2**32)], ["seed: must be in [0, 4294967295]", f"got {2**32}"]),
+    (["--weight_decay", ".nan"], ["weight_decay: must be >= 0 and finite, got nan"]),
+    (["--max_grad_norm", ".nan"], ["max_grad_norm: must be >= 0 and finite (0 disables clipping), got nan"]),
+    (["--lora.alpha", "0"], ["lora.alpha: must be >= 1", "0 trains nothing"]),
+])
+def test_out_of_range_value_via_cli(tmp_path, overrides, fragments):
+    cfg = write_yaml(tmp_path / "c.yaml", base_config("m", "t.jsonl", tmp_path / "out"))
+    assert_clean_error(run_cli("train", cfg, *overrides), "c.yaml: ", *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, fragments", [
+    (b"model: m\ntrain_file: t.jsonl\noutput_dir: caf\xe9\n", ["c.yaml:3: not UTF-8 text (byte offset 44: 0xe9)", "save the file as UTF-8"]),
+    (b"model: m\ntrain_file: t.jsonl\nlora:\n  r: 8\n  r: 64\n", ["c.yaml:5: key 'lora.r' is set twice (first at line 4)"]),
+], ids=["not-utf8", "duplicate-key"])
+def test_unreadable_config_file_via_cli(tmp_path, content, fragments):
+    (tmp_path / "c.yaml").write_bytes(content)
+    assert_clean_error(run_cli("train", tmp_path / "c.yaml"), *fragments)
+
+
+def test_missing_chat_template_file_is_named_via_cli(tmp_path, tiny_model, train_jsonl):
+    """It used to be taken as the template text, and the error that followed blamed max_seq_len."""
+    cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, train_jsonl, tmp_path / "out",
+                                                       chat_template=str(tmp_path / "templates" / "chatml.jinja")))
+    line = assert_clean_error(run_cli("train", cfg), "chat_template: file", "chatml.jinja' not found", "fix the path")
+    assert "max_seq_len" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_home_in_output_dir_is_expanded_via_cli(tmp_path, tiny_model, train_jsonl, monkeypatch):
+    """`output_dir: ~/run` is $HOME/run (here holding a previous run, so it is refused), never `./~/run`."""
+    home, launch_dir = tmp_path / "home", tmp_path / "launch"
+    (home / "run").mkdir(parents=True)
+    (home / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    launch_dir.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # this checkout's qwenloop, run from another directory
+    cfg = write_yaml(tmp_path / "c.yaml", base_config(tiny_model, train_jsonl, "~/run", max_steps=1))
+    assert_clean_error(run_cli("train", cfg, cwd=launch_dir), f"output_dir: {home / 'run'} already holds a previous run")
+    assert list(launch_dir.iterdir()) == []  # no directory named `~`
+    assert (home / "run" / "metrics.jsonl").read_text() == '{"step": 1}\n'

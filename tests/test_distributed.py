@@ -5,11 +5,14 @@ offload; padded and packed batches) against a single process,
 same seed, data and global batch (single: 4 x 2 accumulation; 2 ranks: 2 x 2 accumulation x 2)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import (NEEDS_CPU_ADAM, assert_adapter_loads_whole, assert_adapters_close, base_config, launch,
+from conftest import (NEEDS_CPU_ADAM, REPO, _free_port, assert_adapter_loads_whole, assert_adapters_close, base_config, launch,
                       load_adapter_tensors, tensor_bytes, train_in_process, train_losses, write_yaml)
 
 pytestmark = pytest.mark.slow
@@ -128,3 +131,41 @@ def test_qlora_under_zero3_matches_single_process(runs):
     single, multi = train_losses(runs["single+qlora"]), train_losses(runs["zero3+qlora"])
     assert len(multi) == 4 and multi == pytest.approx(single, rel=1e-5)
     assert_adapters_close(runs["zero3+qlora"] / "adapter", runs["single+qlora"] / "adapter", rel=1e-5)
+
+
+def test_compare_lines_up_the_backends(runs):
+    """`qwenloop compare` over the real single / DDP / ZeRO-3 runs above: accepted as one job although the batch
+    is split differently (4 x 2 accumulation x 1 process, 2 x 2 x 2), each row says what ran, and the losses and
+    adapters agree as the tests above require. Costs nothing: the runs exist."""
+    from qwenloop.compare import compare_runs
+
+    result = compare_runs([runs["single"], runs["ddp"], runs["zero3"]])
+    assert not result.differences
+    assert [(r.backend, r.world_size, r.batch) for r in result.rows] == [
+        ("single", 1, (4, 2, 1)), ("ddp", 2, (2, 2, 2)), ("deepspeed", 2, (2, 2, 2))]
+    for row, name in zip(result.rows[1:], ("ddp", "zero3")):
+        assert len(row.memory_gib_per_rank) == 2 and row.memory_kind == "CPU peak RSS"
+        assert row.steps_compared == 4 and row.max_loss_diff <= 1e-5 * max(train_losses(runs[name]))
+        assert row.adapters_agree and row.adapter_distance <= 1e-5
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "zero3"])
+def test_bad_data_ends_every_rank_the_same_way(tmp_path, tiny_model, train_jsonl, launcher):
+    """A data file with bad records, 2 ranks: every rank prints the same one-line data report and exits 2;
+    none is left waiting at a barrier to die later of a closed connection (issue 11)."""
+    bad = tmp_path / "bad.jsonl"
+    good = Path(train_jsonl).read_text(encoding="utf-8").splitlines()
+    bad.write_text("\n".join(good[:5] + ['{"messages": "not a list"}', "{broken", *good[5:10]]) + "\n", encoding="utf-8")
+    yaml_name, env = LAUNCHES[launcher]
+    cfg = write_yaml(tmp_path / "train.yaml", base_config(tiny_model, str(bad), tmp_path / "out", micro_batch_size=2, **STEPS))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "tests" / "configs" / yaml_name),
+           "--main_process_port", str(_free_port()), "-m", "qwenloop", "train", str(cfg)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env, "PYTHONWARNINGS": "ignore"}, capture_output=True,
+                          text=True, timeout=300)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], proc.stderr[-4000:]
+    assert f"{bad}:" in errors[0] and "2 of 12 records" in errors[0], errors[0]
+    assert "exitcode: 2" in proc.stderr or "exit status 2" in proc.stderr, proc.stderr[-3000:]
+    frames = [line for line in proc.stderr.splitlines() if line.strip().startswith("File ") and "/qwenloop/" in line]
+    assert not frames and "Connection closed" not in proc.stderr, proc.stderr[-4000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -175,14 +175,14 @@ def _measure(model, head, batch, target_head: bool = True, dtype: str = "fp32") 
 
 
 def _set_mode(model, checkpointing: bool, attn: str) -> None:
-    """As ``model._finish`` sets the model up. transformers' ``gradient_checkpointing_enable`` also makes the
+    """As ``model._finish`` sets the model up. transformers' ``activation_checkpointing_enable`` also makes the
     embedding's output require grad (``enable_input_require_grads``); qwenloop without checkpointing has no
     such hook, so it goes again with the checkpointing."""
     base = model.get_base_model()
     if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        base.gradient_checkpointing_disable()
+        base.activation_checkpointing_disable()
         base.disable_input_require_grads()
     base.set_attn_implementation(attn)
 

@@ -41,13 +41,15 @@ def launch_rc(accelerate_yaml, train_yaml, env_extra, fault=None, timeout=600) -
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def cli_rc(train_yaml, *args, fault=None, timeout=300) -> subprocess.CompletedProcess:
+def cli_rc(train_yaml, *args, fault=None, timeout=300, preexec_fn=None) -> subprocess.CompletedProcess:
+    """`qwenloop train` in a child process; a non-zero exit is returned, not raised (``preexec_fn``: e.g. a
+    file-size limit from tests/fullfs.py)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("QWENLOOP_FAULT", None)
     if fault:
         env["QWENLOOP_FAULT"] = fault
     return subprocess.run([sys.executable, "-m", "qwenloop", "train", str(train_yaml), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def step_metrics(output_dir) -> list[dict]:

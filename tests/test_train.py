@@ -1,6 +1,8 @@
 """Single-process training, in this process: loss falls, the adapter reloads in PEFT exactly,
 gradient accumulation is equivalent to a bigger batch, QLoRA trains."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -86,10 +88,15 @@ def test_checkpointing_modes_train_like_no_checkpointing(tmp_path, tiny_model, t
     """Non-reentrant and reentrant checkpointing give the same training as none: LoRA gets its
     gradients in both (reentrant needs enable_input_require_grads, else nothing trains)."""
     results = {}
-    for name, overrides in [("none", {"gradient_checkpointing": False}),
-                            ("nonreentrant", {"gradient_checkpointing": True}),
-                            ("reentrant", {"gradient_checkpointing": True, "gradient_checkpointing_reentrant": True})]:
-        results[name] = run(tmp_path, name, tiny_model, train_jsonl, max_steps=3, learning_rate=5e-3, **overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, overrides in [("none", {"gradient_checkpointing": False}),
+                                ("nonreentrant", {"gradient_checkpointing": True}),
+                                ("reentrant", {"gradient_checkpointing": True, "gradient_checkpointing_reentrant": True})]:
+            results[name] = run(tmp_path, name, tiny_model, train_jsonl, max_steps=3, learning_rate=5e-3, **overrides)
+    # transformers' v6 removals (gradient_checkpointing_enable, is_gradient_checkpointing) are not used any more
+    deprecated = [str(w.message) for w in caught if "gradient_checkpointing" in str(w.message) and "deprecated" in str(w.message)]
+    assert not deprecated, deprecated
     for name in ("nonreentrant", "reentrant"):
         assert results[name].losses == pytest.approx(results["none"].losses, rel=1e-5), name
         tensors = load_adapter_tensors(results[name].adapter_dir)

@@ -27,7 +27,7 @@ for case in json.loads(sys.argv[2]):
     keep = HfDeepSpeedConfig(cfg)  # from_pretrained loads under zero.Init, as accelerate makes it for qwenloop
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
     if case["ckpt"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     for p in model.parameters():
         if p.requires_grad:

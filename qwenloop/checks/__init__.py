@@ -111,7 +111,8 @@ def registry() -> tuple[CheckFn, ...]:
     # assumes everything before it holds).
     return (
         training.check_config_values, training.check_packing_with_grouping, training.check_packing_attention,
-        training.check_paths, training.check_resume_from, training.check_previous_run,
+        training.check_paths, training.check_remote_code, training.check_tokenizer_files,
+        training.check_resume_from, training.check_previous_run,
         training.check_output_dir,
         training.check_bitsandbytes_installed, training.check_attention_kernel,
         processes.check_process_group,

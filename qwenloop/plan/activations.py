@@ -62,11 +62,11 @@ Per decoder layer, no checkpointing (the layer's input requires grad; see ``firs
 The first layer's input is the frozen embedding's output, which does not require grad: its input norm
 saves nothing (``- T*(h+1)*4``) and neither do the q/k/v LoRA dropouts (no gradient flows into their
 input: ``- T*h*mask`` each), unless ``enable_input_require_grads()`` made the embedding output require grad
-(transformers' ``gradient_checkpointing_enable`` does so itself): ``first_layer_frozen_input=False``.
+(transformers' ``activation_checkpointing_enable`` does so itself): ``first_layer_frozen_input=False``.
 
 Whole model, no checkpointing: ``sum(layers) + rope + final norm T*(h+1)*4 + loss``.
 
-With non-reentrant checkpointing (what ``model.gradient_checkpointing_enable`` installs) nothing inside a
+With non-reentrant checkpointing (what ``model.activation_checkpointing_enable`` installs) nothing inside a
 layer is saved; the checkpoint saves the layer's input ``T*h*c`` (all layers, the first included) and keeps
 the layer's keyword arguments referenced until its backward (not saved tensors, but alive all the same):
 the rotary ``cos``/``sin`` and the 4D attention mask when there is one (bool ``b*s*s`` for sdpa with

@@ -29,7 +29,7 @@ module 32,768), reuse distance 0: 40,960 / 49,152 / 90,112 / 106,496 elements at
 So the planner takes the larger of (a) the trace replayed with the reuse rule alone and (b) with a
 prefetch bucket, ``min(every non-persistent element, max_live_parameters + the largest module)`` (within
 8% of the measured peaks above when max live is well below the model, an upper bound near it). With
-checkpointing the embedding has a backward too (``gradient_checkpointing_enable`` makes its output require
+checkpointing the embedding has a backward too (``activation_checkpointing_enable`` makes its output require
 grad), so it is in the trace twice; a tied head is the embedding's parameter (one entry). For Qwen2.5-72B
 with the repository's JSONs (max live and reuse distance 1e9) that is ``1e9 + V*h`` = 2.25e9 elements,
 4.2 GiB in 16-bit; for a 0.5B, the whole model (ZeRO-3 saves little on small models).
