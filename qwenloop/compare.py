@@ -20,6 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .config import flatten_config
 from .errors import UserError
 from .report import INSTALL_HINT, write_file_atomic
 from .runlog import RunLog, finite, load_run
@@ -110,20 +111,10 @@ def compare_runs(dirs, force: bool = False, out: str | None = None, adapter_tol:
 # ---- what is compared ----------------------------------------------------------------------------------------
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 def config_differences(runs: list[RunLog]) -> dict[str, list]:
     """Training-config keys whose value differs from the reference's in some run -> the value in every run
     (``None`` where a run lacks the key or its config.yaml). The batch split counts as one key, its product."""
-    flats = [_flatten(r.config) if r.config else {} for r in runs]
+    flats = [flatten_config(r.config) if r.config else {} for r in runs]
     keys = sorted(set().union(*flats) - set(NOT_THE_JOB) - set(BATCH_SPLIT))
     differences = {k: [f.get(k) for f in flats] for k in keys if any(f.get(k) != flats[0].get(k) for f in flats)}
     batches = [r.global_batch() for r in runs]

@@ -557,3 +557,15 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return f"list[{_type_name(args[0])}]"
     return getattr(tp, "__name__", str(tp))
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """``{"lora": {"r": 8}}`` -> ``{"lora.r": 8}``: the dotted keys of the command line (``--lora.r 8``), for
+    comparing two configs key by key and for trackers' flat hyperparameter tables."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out

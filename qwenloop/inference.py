@@ -204,7 +204,10 @@ def _load_model(model: str, lora: Adapter | None, device: str, dtype: torch.dtyp
     if lora is not None:
         from peft import PeftModel
 
-        loaded = PeftModel.from_pretrained(loaded, lora.directory)
+        from .model import peft_reading_old_names
+
+        with peft_reading_old_names():
+            loaded = PeftModel.from_pretrained(loaded, lora.directory)
     loaded.eval()
     return loaded
 

@@ -7,11 +7,13 @@ whether the model path and the attention kernel exist, is checked before this ru
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import pickle
 import re
+import warnings
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -265,9 +267,17 @@ def enable_checkpointing(model, reentrant: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def add_lora(model, lora):
-    import warnings
+@contextlib.contextmanager
+def peft_reading_old_names():
+    """PEFT 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` (``peft_model.py``) when it wraps
+    a model, and the property warns on every run; the new name is ``is_activation_checkpointing``. Not ours to
+    change: silence that one warning where qwenloop calls PEFT."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
+
+def add_lora(model, lora):
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(model, lora.target_modules)
@@ -279,10 +289,7 @@ def add_lora(model, lora):
         target_modules=list(lora.target_modules),
         bias=lora.bias,
     )
-    with warnings.catch_warnings():
-        # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` (peft_model.py) and the
-        # property warns on every run; the new name is `is_activation_checkpointing`, not ours to change.
-        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_reading_old_names():
         return get_peft_model(model, config)
 
 

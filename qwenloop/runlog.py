@@ -125,21 +125,30 @@ def load_run(run_dir: str, need_info: bool = False, need_config: bool = False) -
 
 def _read_metrics(path: str) -> tuple[list[dict], list[int]]:
     # A line cut short by a kill, or damaged later, is left out (as a resume does): curves of the rest still help.
-    records, dropped = [], []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                dropped.append(number)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                dropped.append(number)
-    return records, dropped
+        lines = f.read().split(b"\n")
+    parsed, dropped = parse_metrics_lines(lines)
+    return [record for _, record in parsed], dropped
+
+
+def parse_metrics_lines(lines: list[bytes]) -> tuple[list[tuple[bytes, dict]], list[int]]:
+    """``metrics.jsonl``'s lines as ``(raw line, record)`` pairs, and the (1-based) numbers of the lines that are
+    not a JSON object: the last one cut short by a kill mid-write, or one damaged later. Blank lines are skipped.
+    Shared by the resume (train.py), which drops such lines and says so, and by plot / report / compare."""
+    parsed, dropped = [], []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            dropped.append(number)
+            continue
+        if isinstance(record, dict):
+            parsed.append((raw, record))
+        else:
+            dropped.append(number)
+    return parsed, dropped
 
 
 def _read_json(path: str, required: bool, why: str) -> dict | None:

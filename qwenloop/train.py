@@ -24,12 +24,13 @@ from . import data as data_lib
 from . import distributed, model as model_lib, report
 from .adapter import save_adapter
 from .checks import check_run
-from .config import TrainConfig
+from .config import TrainConfig, flatten_config
 from .errors import RunStopped, UserError
 from .launch import launch_from_accelerator
 from .plan import run as plan_run
 from .loss import batch_loss_sum, find_target_loss_head
 from .metrics import COUNTED, StepMeter, peak_memory
+from .runlog import parse_metrics_lines
 from .sentinel import NonFiniteSentinel
 from .signals import StopSignals
 
@@ -165,8 +166,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         state = checkpoints.resume(resume_dir, state.identity, steps_per_epoch * gas)
     sentinel = NonFiniteSentinel(accelerator, backend, cfg.max_bad_steps, state.sentinel)
     _start_run_files(cfg, accelerator, state, resumed_from=resume_dir)
-    if cfg.report_to:
-        accelerator.init_trackers("qwenloop", config=_flat(cfg.to_dict()))
+    if cfg.report_to:  # trackers take a flat table of scalar hyperparameters
+        flat = flatten_config(cfg.to_dict())
+        accelerator.init_trackers("qwenloop", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()})
 
     # ---- the loop ----
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -428,17 +430,8 @@ def _metrics_up_to(path: str, step: int) -> list[str]:
         return []
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
-    kept, dropped = [], []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            dropped.append(number)
-            continue
-        if not isinstance(record, dict) or record.get("step", 0) <= step:
-            kept.append(raw.decode("utf-8") + "\n")
+    parsed, dropped = parse_metrics_lines(lines)
+    kept = [raw.decode("utf-8") + "\n" for raw, record in parsed if record.get("step", 0) <= step]
     last = max((n for n, raw in enumerate(lines, 1) if raw.strip()), default=0)
     if dropped == [last]:
         logger.warning("%s: dropped its last line (%d bytes, not complete JSON): the process was stopped while "
@@ -494,13 +487,3 @@ def _setup_logging(accelerator) -> None:
 def _count_params(model) -> int:
     # ZeRO-3 partitioned parameters carry their full size in ds_numel.
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .. import storage
+from ..config import flatten_config
 from .layout import STATE_FILE
 
 
@@ -94,7 +95,7 @@ def defining_settings(config: dict) -> dict:
     form they are compared in: a local model path made absolute, a chat template file by its content, and the
     settings a value elsewhere makes irrelevant left out (``num_epochs`` under ``max_steps``, ``warmup_ratio``
     under ``warmup_steps``)."""
-    flat = _flatten(config)
+    flat = flatten_config(config)
     out = {k: v for k, v in flat.items() if k not in RUNTIME_SETTINGS and k.split(".")[0] not in RUNTIME_SETTINGS}
     if out.get("max_steps"):
         out.pop("num_epochs", None)
@@ -107,16 +108,6 @@ def defining_settings(config: dict) -> dict:
     if isinstance(template, str):
         out["chat_template"] = "sha256:" + (storage.sha256_file(template) if os.path.isfile(template)
                                             else hashlib.sha256(template.encode()).hexdigest())
-    return out
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = list(v) if isinstance(v, tuple) else v
     return out
 
 
@@ -164,6 +155,6 @@ def runtime_changes(saved_config: dict | None, new_config: dict) -> list[tuple[s
     the new config), without those that only say how to start (resume_from, force_resume, overwrite_output_dir)."""
     if saved_config is None:
         return []
-    old, new = _flatten(saved_config), _flatten(new_config)
+    old, new = flatten_config(saved_config), flatten_config(new_config)
     keys = [k for k in RUNTIME_SETTINGS if k not in STARTING_SETTINGS]
     return [(k, old.get(k), new.get(k)) for k in keys if k in old and old.get(k) != new.get(k)]
