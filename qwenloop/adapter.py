@@ -17,11 +17,11 @@ import glob
 import os
 import shutil
 
-import torch
 from safetensors import safe_open
 
 from . import storage
 from .errors import UserError
+from .agreement import any_rank
 from .model import expected_adapter_shapes
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -37,7 +37,7 @@ def save_adapter(accelerator, backend, model, tokenizer, out_dir: str) -> str | 
             problem = _publish(accelerator.unwrap_model(model), state, tokenizer, out_dir)
         except Exception as e:  # a bug (e.g. the shape check): still reach the agreement, so no rank waits forever
             problem, crash = f"{type(e).__name__} on the main process", e
-    failed = accelerator.reduce(torch.tensor([1.0 if problem else 0.0], device=accelerator.device), "sum").item() > 0
+    failed = any_rank(accelerator, problem is not None)
     if crash is not None:
         raise crash
     if failed:

@@ -53,53 +53,6 @@ def is_multiprocess_cpu() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def main_process_first(accelerator, build):
-    """``build()`` on the main process first, then on the others (which read what it cached), like
-    accelerate's ``main_process_first``, except that a failure on any process ends every process the same
-    way: with accelerate's, a main process that raises leaves the others waiting at the barrier until the
-    process group times out, and they die with a traceback about a closed connection.
-
-    A ``UserError`` (bad input: a data report) on any process becomes the same ``UserError`` on all of them;
-    any other exception keeps its traceback on the process that raised it, and the others stop with one line
-    pointing at it. Collective: every process must call it."""
-    if accelerator.num_processes == 1:
-        return build()
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    result, failure = None, None
-    if accelerator.is_main_process:
-        result, failure, error = _attempt_build(build)
-    verdict = [failure]
-    broadcast_object_list(verdict, from_process=0)
-    if verdict[0] is not None:
-        _stop_like(verdict[0], error if accelerator.is_main_process else None)
-    if not accelerator.is_main_process:
-        result, failure, error = _attempt_build(build)
-    failures = [f for f in gather_object([failure]) if f is not None]
-    if failures:
-        _stop_like(failures[0], error if failure is not None else None)
-    return result
-
-
-def _attempt_build(build):
-    """(result, failure, exception): ``failure`` is ``("user", message)`` / ``("bug", description)`` or None."""
-    try:
-        return build(), None, None
-    except UserError as e:
-        return None, ("user", str(e)), e
-    except Exception as e:  # noqa: BLE001 - reported to the other processes, then re-raised here as it was
-        return None, ("bug", f"process {os.environ.get('RANK', '?')} failed with {type(e).__name__}: {e}"), e
-
-
-def _stop_like(failure: tuple[str, str], own_error: BaseException | None) -> None:
-    kind, message = failure
-    if kind == "user":
-        raise UserError(message)
-    if own_error is not None:  # the process that hit the bug keeps its traceback
-        raise own_error
-    raise UserError(f"{message} (its traceback is in that process's output)")
-
-
 def backend_for(accelerator) -> "Backend":
     from accelerate.utils import DistributedType
 

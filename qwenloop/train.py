@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoint, faults, storage
+from . import agreement, checkpoint, faults, storage
 from . import batching as batching_lib
 from . import data as data_lib
 from . import distributed, model as model_lib, report
@@ -77,7 +77,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # ---- data (tokenized once on the main process, then read from the datasets cache; a bad file ends
     # every process with the same data report line, not only the main one) ----
     tokenizer = model_lib.load_tokenizer(cfg)
-    train_data, eval_data = distributed.main_process_first(accelerator, lambda: (
+    train_data, eval_data = agreement.main_process_first(accelerator, lambda: (
         data_lib.build_dataset(cfg.train_file, tokenizer, cfg),
         data_lib.build_dataset(cfg.eval_file, tokenizer, cfg) if cfg.eval_file else None,
     ))
@@ -289,12 +289,7 @@ def _write_run_summary(accelerator, path: str, summary: dict | None) -> None:
         except OSError as e:
             failure = (f"run.json: could not write {path} ({e.strerror or e}); the adapter and metrics.jsonl of this "
                        f"run are complete in {os.path.dirname(path)}; free disk space (run.json is the run's summary)")
-    if accelerator.num_processes > 1:
-        failed = accelerator.reduce(torch.tensor([1.0 if failure else 0.0], device=accelerator.device), "sum").item() > 0
-    else:
-        failed = failure is not None
-    if failed:
-        raise UserError(failure or "run.json: the main process could not write the run's summary (see its error)")
+    agreement.raise_if_any(accelerator, failure, "run.json: the main process could not write the run's summary (see its error)")
 
 
 @dataclass
@@ -461,12 +456,8 @@ def _log_metrics(accelerator, path: str, record: dict) -> None:
             kept = f"the newest checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
             failure = (f"metrics: could not append step {record.get('step')} to {path} ({e.strerror or e}); {kept}; "
                        f"free disk space, then resume with resume_from: auto")
-    if accelerator.num_processes > 1:  # every rank stops together (a rank stopping alone would hang the others)
-        failed = accelerator.reduce(torch.tensor([1.0 if failure else 0.0], device=accelerator.device), "sum").item() > 0
-    else:
-        failed = failure is not None
-    if failed:
-        raise UserError(failure or "metrics: the main process could not append to metrics.jsonl (see its error)")
+    # every rank stops together (a rank stopping alone would hang the others)
+    agreement.raise_if_any(accelerator, failure, "metrics: the main process could not append to metrics.jsonl (see its error)")
     numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if accelerator.trackers:
         accelerator.log(numeric, step=record["step"])

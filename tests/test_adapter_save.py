@@ -84,6 +84,7 @@ class OneRankOfTwo:
     """The part of an Accelerator ``save_adapter`` uses; ``reduce`` answers what the other rank contributes."""
 
     device = torch.device("cpu")
+    num_processes = 2
 
     def __init__(self, main: bool, other_failed: bool):
         self.is_main_process, self.other_failed, self.reduced = main, other_failed, []

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import faults, storage
+from ..agreement import any_rank
 from ..errors import RunStopped, UserError, exit_code_for_signal
 from .layout import (FORMAT_VERSION, MARKER, STATE_FILE, TMP_PREFIX, Verdict, checkpoint_name, checkpoints_root,
                      is_complete, prune, remove_partial, verify_checkpoint, write_manifest)
@@ -122,8 +123,7 @@ class Checkpointer:
         checkpoints stay untouched. A storage failure ends every rank with the same one-line error; anything
         else is a bug, raised with its traceback where it happened."""
         acc = self.accelerator
-        failed = acc.reduce(torch.tensor([1.0 if failure else 0.0], device=acc.device), "sum").item() > 0
-        if not failed:
+        if not any_rank(acc, failure is not None):
             return
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
