@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import flatten_config
-from .errors import UserError
+from .errors import CommandParser, UserError
 from .report import INSTALL_HINT, write_file_atomic
 from .runlog import RunLog, finite, load_run
 
@@ -297,13 +297,9 @@ def _write(result: ComparisonResult, out: str) -> None:
 # ---- command line --------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        raise UserError(f"qwenloop compare: {message}")
-
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qwenloop compare", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="qwenloop compare", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="finished runs' output_dirs; the first is the reference")
     p.add_argument("--out", default=".", help="directory for compare.md and compare.png (default: the current one)")
     p.add_argument("--force", action="store_true", help="compare runs whose training configs differ (listed in the table)")

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from .checks import CheckContext, Finding, detect_gpu, make_context, run_checks
-from .errors import EXIT_USAGE, UserError
+from .errors import CommandParser, EXIT_USAGE, UserError
 
 
 @dataclass
@@ -109,16 +109,13 @@ def _not_checked(ctx: CheckContext, gpu_asked: bool) -> list[str]:
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # a one-line UserError (exit code 2), not argparse's usage dump
-        raise UserError(f"qwenloop doctor: {message}; usage: qwenloop doctor --config my.yaml "
-                        f"[--accelerate-config X.yaml] [--gpu NAME] [--key value ...]")
-
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qwenloop doctor", allow_abbrev=False,
-                description="Every contradiction and risk of a launch, before it loads anything. Other --key value "
-                            "arguments override the training config, as for qwenloop train.")
+    p = CommandParser(prog="qwenloop doctor", allow_abbrev=False,
+                      description="Every contradiction and risk of a launch, before it loads anything. Other --key "
+                                  "value arguments override the training config, as for qwenloop train.",
+                      hint="; usage: qwenloop doctor --config my.yaml [--accelerate-config X.yaml] [--gpu NAME] "
+                           "[--key value ...]")
     p.add_argument("--config", required=True, help="the training config YAML")
     p.add_argument("--accelerate-config", help="the YAML given to `accelerate launch --config_file`")
     p.add_argument("--gpu", help="plan for this GPU (a qwenloop plan preset, e.g. v100-32gb) instead of this machine's")

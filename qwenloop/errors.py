@@ -7,6 +7,8 @@ Anything else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
+
 EXIT_USAGE = 2
 
 
@@ -37,3 +39,15 @@ class RunStopped(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.checkpoint = checkpoint
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for qwenloop's subcommands: a bad command line is bad input like any other, one line
+    (``prog: what is wrong`` + ``hint``) and exit code 2 from the CLI, never argparse's own exit."""
+
+    def __init__(self, *args, hint: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hint = hint
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}{self.hint}")

@@ -24,7 +24,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import CommandParser, UserError
 from .inference import GenerationSettings, Generator
 
 __all__ = ["Answer", "generate", "read_prompts", "main"]
@@ -226,13 +226,9 @@ def chat(generator: Generator, settings: GenerationSettings, compare: bool, syst
 # --------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        raise UserError(f"qwenloop generate: {message}")
-
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qwenloop generate", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="qwenloop generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the base model directory")
     p.add_argument("--adapter", help="a LoRA adapter directory (output_dir/adapter; a run directory works)")
     what = p.add_mutually_exclusive_group()

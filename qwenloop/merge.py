@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_files import Adapter, base_name_differs, check_fits, load_adapter
-from .errors import UserError
+from .errors import CommandParser, UserError
 from .tensorfiles import INDEX_FILE, ModelWeights, Reader, Writer, model_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -320,13 +320,9 @@ def peak_rss_bytes() -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        raise UserError(f"qwenloop merge: {message}")
-
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qwenloop merge", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="qwenloop merge", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the base model directory the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the adapter directory (output_dir/adapter; a run directory works)")
     p.add_argument("--out", required=True, help="where to write the merged model (a new or empty directory)")

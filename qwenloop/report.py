@@ -20,7 +20,7 @@ import shlex
 import sys
 
 from . import storage
-from .errors import UserError
+from .errors import CommandParser, UserError
 from .runlog import RunLog, finite, load_run
 
 __all__ = ["command_line", "curves_figure", "plot_run", "report_markdown", "write_report", "finish_run", "main"]
@@ -308,13 +308,9 @@ def finish_run(output_dir: str) -> list[str]:
 # ---- command line --------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        raise UserError(f"qwenloop plot: {message}")
-
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qwenloop plot", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="qwenloop plot", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run's output_dir (holding metrics.jsonl)")
     p.add_argument("--out", help="where to write the PNG (default: RUN_DIR/curves.png)")
     p.add_argument("--no-report", action="store_true", help="only the curves, not RUN_DIR/report.md")

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from ..errors import UserError
+from ..errors import CommandParser, UserError
 from . import advice
 from .buffers import GIB, ZeroSettings
 from .estimate import METHODS, Plan, PlanRequest, estimate
@@ -38,13 +38,9 @@ BACKEND_CHOICES = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, like every other bad input
-        raise UserError(f"qwenloop plan: {message}")
-
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qwenloop plan", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="qwenloop plan", description=__doc__.split("\n\n")[0])
     run = p.add_argument_group("the exact run (instead of the flags below)")
     run.add_argument("--config", help="training config YAML (model, LoRA, quantization, lengths, batch)")
     run.add_argument("--accelerate-config", help="accelerate config YAML (backend, processes, precision, DeepSpeed JSON)")
