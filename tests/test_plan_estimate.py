@@ -74,10 +74,13 @@ def test_sharding_quantization_checkpointing_and_the_target_head_each_save_memor
     assert estimate(req(seq_len=4096, attn="eager")).required > base.required
 
 
-def test_step_peak_wins_when_activations_are_small():
-    """A long-sequence plan peaks in backward; the optimizer-step peak has no activations in it."""
+def test_the_peak_is_the_larger_of_backward_and_the_optimizer_step():
+    """A long sequence peaks in backward (activations and gathered parameters); the terms reported are that
+    moment's, and their sum is at least the optimizer step's (the states with ZeRO-3's fp32 step gradient)."""
     p = estimate(req(seq_len=4096))
     assert p.peak_moment == "backward" and "saved activations" in p.gpu_terms
+    step_only = states.lora_state_bytes(Q72.lora_params(16), "zero3", 8, grad_accum_bytes=2).gpu
+    assert p.peak_allocated >= p.gpu_terms["base shard"] + step_only
 
 
 def test_requests_that_cannot_run_are_refused_in_one_line():
